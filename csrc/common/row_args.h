@@ -1,0 +1,63 @@
+// The arguments of one row-op launch as plain data (no torch headers), so that the CPU
+// kernels built for several instruction sets and the CUDA kernels built by nvcc alone can
+// share them with the torch bindings.
+#pragma once
+
+#include <cstdint>
+
+#include "row_math.h"
+
+namespace unlearn_ext {
+
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 };
+
+// A [N, V] view of a 2-D or 3-D tensor with unit stride on V. Row r of a [B, T, V]
+// tensor starts at (r / T) * outer_stride + (r % T) * inner_stride, so that shifted
+// causal-LM logits (logits[:, :-1]) are read in place, without a copy.
+struct RowView {
+  void* data = nullptr;
+  DType dtype = DType::kFloat32;
+  int64_t inner_rows = 1;    // T (rows per outer index); N for a 2-D tensor
+  int64_t inner_stride = 0;  // elements between consecutive rows
+  int64_t outer_stride = 0;  // elements between consecutive outer indices
+};
+
+UE_HD int64_t row_offset(const RowView& v, int64_t r) {
+  return (r / v.inner_rows) * v.outer_stride + (r % v.inner_rows) * v.inner_stride;
+}
+
+struct RowArgs {
+  Op op = Op::kCrossEntropy;
+  int64_t rows = 0;
+  int64_t vocab = 0;
+  RowView student, teacher, teacher2;  // teachers unused by ops that have none
+  const int64_t* labels = nullptr;     // [rows] or null (no label: no row is ignored)
+  int64_t ignore_index = -100;
+  double inv_temperature = 1.0;
+  double alpha = 0.0;  // RKLD
+  double gamma = 0.0;  // UnDIAL
+
+  // Outputs and per-row buffers, in the compute type (float64 inputs: double; else float).
+  void* values = nullptr;           // [rows]
+  void* stats = nullptr;            // [rows, kNumStats]
+  const void* grad_rows = nullptr;  // backward: upstream gradient per row
+  RowView grad;                     // gradient out (same dtype as the student); may alias it
+  bool write_grad = false;          // forward: also write the gradient (fused path)
+  double grad_scale = 1.0;          // fused path: upstream gradient of every row
+};
+
+// True when row r is skipped: loss 0, gradient exactly 0.
+UE_HD bool row_ignored(const RowArgs& a, int64_t r) {
+  return a.labels != nullptr && a.labels[r] == a.ignore_index;
+}
+
+// The row's label, or -1 when the row has none or it is outside [0, V) (the bindings
+// reject such labels before launching; a kernel that meets one writes NaN, never reads
+// out of bounds).
+UE_HD int64_t row_label(const RowArgs& a, int64_t r) {
+  if (a.labels == nullptr) return -1;
+  const int64_t y = a.labels[r];
+  return (y >= 0 && y < a.vocab) ? y : -1;
+}
+
+}  // namespace unlearn_ext

@@ -1,0 +1,127 @@
+// Checks the tensors of a row-op call and describes them as RowArgs. Shared by the CPU
+// and CUDA bindings, so both refuse the same bad input before any kernel touches memory.
+// The Python layer (unlearn_ext/ops/_checks.py) raises friendlier ValueErrors first; these
+// checks guard direct calls of torch.ops.unlearn_ext.*.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <string>
+
+#include "common/row_args.h"
+
+namespace unlearn_ext {
+
+inline Op parse_op(const std::string& name) {
+  for (int i = 0; i < kNumOps; ++i)
+    if (name == kOpNames[i]) return static_cast<Op>(i);
+  TORCH_CHECK_VALUE(false, "unlearn_ext: unknown row op '", name, "'");
+}
+
+inline DType to_dtype(const at::Tensor& t, const char* arg) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
+    case at::kDouble: return DType::kFloat64;
+    default: TORCH_CHECK_TYPE(false, "unlearn_ext: ", arg, " must be float32, bfloat16, float16 or float64, got ", t.scalar_type());
+  }
+}
+
+// A 2-D [N, V] or 3-D [B, T, V] tensor with unit stride on V.
+inline RowView to_row_view(const at::Tensor& t, const char* arg) {
+  TORCH_CHECK_VALUE(t.dim() == 2 || t.dim() == 3, "unlearn_ext: ", arg, " must be 2-D or 3-D, got ", t.dim(), "-D");
+  TORCH_CHECK_VALUE(t.size(-1) <= 1 || t.stride(-1) == 1, "unlearn_ext: ", arg, " must have unit stride on its last dimension");
+  RowView v;
+  v.data = t.data_ptr();
+  v.dtype = to_dtype(t, arg);
+  if (t.dim() == 2) {
+    v.inner_rows = t.size(0) > 0 ? t.size(0) : 1;
+    v.inner_stride = t.stride(0);
+    v.outer_stride = 0;
+  } else {
+    v.inner_rows = t.size(1) > 0 ? t.size(1) : 1;
+    v.inner_stride = t.stride(1);
+    v.outer_stride = t.stride(0);
+  }
+  return v;
+}
+
+struct RowCall {
+  RowArgs args;
+  at::Tensor labels;  // kept alive while args points into it
+};
+
+// Validates every input of a call and fills RowArgs (outputs are attached by the caller).
+inline RowCall make_row_call(const std::string& op_name, const at::Tensor& logits,
+                             const c10::optional<at::Tensor>& teacher,
+                             const c10::optional<at::Tensor>& teacher2,
+                             const c10::optional<at::Tensor>& labels, int64_t ignore_index,
+                             double inv_temperature, double alpha, double gamma) {
+  RowCall call;
+  RowArgs& a = call.args;
+  a.op = parse_op(op_name);
+  a.student = to_row_view(logits, "logits");
+  a.vocab = logits.size(-1);
+  a.rows = a.vocab > 0 ? logits.numel() / a.vocab : 0;
+  TORCH_CHECK_VALUE(a.vocab > 0, "unlearn_ext: logits must have a non-empty vocabulary dimension");
+  a.ignore_index = ignore_index;
+  a.inv_temperature = inv_temperature;
+  a.alpha = alpha;
+  a.gamma = gamma;
+  TORCH_CHECK_VALUE(std::isfinite(inv_temperature) && inv_temperature > 0, "unlearn_ext: temperature must be positive and finite");
+
+  const int needed = num_teachers(a.op);
+  const c10::optional<at::Tensor>* teachers[2] = {&teacher, &teacher2};
+  const char* names[2] = {"teacher", "teacher2"};
+  RowView* views[2] = {&a.teacher, &a.teacher2};
+  for (int k = 0; k < 2; ++k) {
+    const bool given = teachers[k]->has_value() && teachers[k]->value().defined();
+    TORCH_CHECK_VALUE(given == (k < needed), "unlearn_ext: op '", op_name, "' takes ", needed, " teacher tensor(s); ", names[k], given ? " was given" : " is missing");
+    if (!given) continue;
+    const at::Tensor& t = teachers[k]->value();
+    TORCH_CHECK_VALUE(t.sizes() == logits.sizes(), "unlearn_ext: ", names[k], " must have the shape of logits ", logits.sizes(), ", got ", t.sizes());
+    TORCH_CHECK_VALUE(t.device() == logits.device(), "unlearn_ext: ", names[k], " is on ", t.device(), " but logits are on ", logits.device());
+    *views[k] = to_row_view(t, names[k]);
+  }
+
+  const bool needs_labels = reads_label_logit(a.op) || a.op == Op::kUnDIAL;
+  const bool has_labels = labels.has_value() && labels->defined();
+  TORCH_CHECK_VALUE(has_labels || !needs_labels, "unlearn_ext: op '", op_name, "' needs labels");
+  if (has_labels) {
+    const at::Tensor& l = *labels;
+    TORCH_CHECK_TYPE(l.scalar_type() == at::kLong, "unlearn_ext: labels must be int64, got ", l.scalar_type());
+    TORCH_CHECK_VALUE(l.numel() == a.rows, "unlearn_ext: labels must have one entry per row of logits (", a.rows, "), got ", l.numel());
+    TORCH_CHECK_VALUE(l.device() == logits.device(), "unlearn_ext: labels are on ", l.device(), " but logits are on ", logits.device());
+    call.labels = l.contiguous();
+    a.labels = call.labels.data_ptr<int64_t>();
+  }
+  return call;
+}
+
+// A kernel output buffer. Under UNLEARN_EXT_POISON=1 (the tests) it starts as NaN, so an
+// element that a kernel forgets to write cannot pass for a result.
+inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  const char* poison = std::getenv("UNLEARN_EXT_POISON");
+  if (poison != nullptr && poison[0] == '1') return at::full(sizes, NAN, opts);
+  return at::empty(sizes, opts);
+}
+
+// The dtype of per-row outputs: float64 for float64 logits, float32 otherwise.
+inline at::ScalarType compute_dtype(const at::Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Checks a gradient buffer (fresh, or the logits themselves when written in place).
+inline RowView grad_view(const at::Tensor& grad, const at::Tensor& logits) {
+  TORCH_CHECK_VALUE(grad.sizes() == logits.sizes(), "unlearn_ext: grad must have the shape of logits");
+  TORCH_CHECK_TYPE(grad.scalar_type() == logits.scalar_type(), "unlearn_ext: grad must have the dtype of logits");
+  TORCH_CHECK_VALUE(grad.device() == logits.device(), "unlearn_ext: grad must be on the device of logits");
+  return to_row_view(grad, "grad");
+}
+
+}  // namespace unlearn_ext

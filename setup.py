@@ -1,0 +1,60 @@
+"""Builds the unlearn_ext C++ (and, where possible, CUDA) extensions.
+
+Environment variables:
+  UNLEARN_EXT_BUILD_CPU=0     skip the C++ CPU extension (pure-Python install: torch backend)
+  UNLEARN_EXT_BUILD_CUDA=auto build the CUDA extension when torch has CUDA and nvcc is found;
+                        =1    require it (fail if it cannot be built); =0 skip it
+"""
+import glob
+import os
+
+from setuptools import setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name, default):
+    return os.environ.get(name, default).strip().lower()
+
+
+def cpu_extension():
+    sources = ["csrc/bindings.cpp", "csrc/cpu/dispatch.cpp"] + sorted(glob.glob("csrc/cpu/row_kernels_*.cpp"))
+    return cpp_extension.CppExtension(
+        "unlearn_ext._C",
+        sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        # -fopenmp-simd: honour `#pragma omp simd` (vectorised reductions) without OpenMP.
+        extra_compile_args=["-O3", "-fopenmp-simd", "-fno-math-errno"],
+    )
+
+
+def cuda_extension():
+    """The CUDA extension, or None when it should not or cannot be built."""
+    mode = _flag("UNLEARN_EXT_BUILD_CUDA", "auto")
+    sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+    if mode == "0" or not sources:
+        return None
+    import torch
+
+    have_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if not have_cuda:
+        if mode == "1":
+            raise RuntimeError("UNLEARN_EXT_BUILD_CUDA=1 but torch has no CUDA or nvcc was not found")
+        return None
+    return cpp_extension.CUDAExtension(
+        "unlearn_ext._C_cuda",
+        sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+    )
+
+
+ext_modules = []
+if _flag("UNLEARN_EXT_BUILD_CPU", "1") != "0":
+    ext_modules.append(cpu_extension())
+cuda = cuda_extension()
+if cuda is not None:
+    ext_modules.append(cuda)
+
+setup(ext_modules=ext_modules, cmdclass={"build_ext": cpp_extension.BuildExtension})

@@ -1,0 +1,80 @@
+"""Argument checks shared by every public op: bad input gets a ValueError or TypeError that
+names the argument, before any kernel runs."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+REDUCTIONS = ("none", "sum", "mean")
+
+
+def tracing() -> bool:
+    """True under torch.compile or CUDA-graph capture: no data-dependent checks then."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def check_logits(logits, name: str = "logits") -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {logits.dtype}")
+    if logits.dim() < 2:
+        raise ValueError(f"{name} must have shape [N, V] or [B, T, V], got {tuple(logits.shape)}")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"{name} has an empty vocabulary dimension (V = 0)")
+
+
+def check_teacher(teacher, logits: torch.Tensor, name: str) -> None:
+    check_logits(teacher, name)
+    if teacher.shape != logits.shape:
+        raise ValueError(f"{name} must have the shape of logits {tuple(logits.shape)}, got {tuple(teacher.shape)}")
+    if teacher.device != logits.device:
+        raise ValueError(f"{name} is on {teacher.device} but logits are on {logits.device}")
+
+
+def check_labels(labels, logits: torch.Tensor, ignore_index: int, required: bool) -> torch.Tensor | None:
+    """Labels as a flat int64 tensor with one entry per row, or None."""
+    if labels is None:
+        if required:
+            raise ValueError("labels are required for this loss")
+        return None
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor (int64), got {labels.dtype}")
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(f"labels must have shape {tuple(logits.shape[:-1])} (logits without V), "
+                         f"got {tuple(labels.shape)}")
+    if labels.device != logits.device:
+        raise ValueError(f"labels are on {labels.device} but logits are on {logits.device}")
+    flat = labels.reshape(-1).to(torch.int64)
+    if not tracing() and flat.numel() > 0:
+        vocab = logits.shape[-1]
+        bad = (flat != ignore_index) & ((flat < 0) | (flat >= vocab))
+        if bool(bad.any()):
+            first = int(flat[bad][0])
+            raise ValueError(f"labels hold {first}, outside [0, {vocab}) and not ignore_index ({ignore_index})")
+    return flat
+
+
+def check_reduction(reduction) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_finite(name: str, value, *, positive: bool = False, nonnegative: bool = False) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    if nonnegative and value < 0:
+        raise ValueError(f"{name} must be non-negative, got {value}")
+    return value

@@ -1,0 +1,36 @@
+"""Fake (meta) implementations of the registered row ops, so that torch.compile and
+FakeTensor tracing see their output shapes without running a kernel."""
+from __future__ import annotations
+
+import torch
+
+NUM_STATS = 4  # per-row float statistics every row op saves (csrc/common/row_math.h, kNumStats)
+_registered = False
+
+
+def _outputs(op, logits):
+    rows = logits.numel() // logits.shape[-1]
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return logits.new_empty(rows, dtype=dtype), logits.new_empty((rows, NUM_STATS), dtype=dtype)
+
+
+def register_fakes() -> None:
+    """Registers the fakes once; called after the extension that defines the schemas loads."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+
+    @torch.library.register_fake("unlearn_ext::row_loss_forward")
+    def _forward(op, logits, teacher, teacher2, labels, ignore_index, inv_temperature, alpha, gamma):
+        return _outputs(op, logits)
+
+    @torch.library.register_fake("unlearn_ext::row_loss_forward_with_grad")
+    def _forward_with_grad(op, logits, teacher, teacher2, labels, ignore_index, inv_temperature, alpha, gamma,
+                           grad, grad_scale):
+        return _outputs(op, logits)
+
+    @torch.library.register_fake("unlearn_ext::row_loss_backward")
+    def _backward(op, logits, teacher, teacher2, labels, stats, grad_rows, ignore_index, inv_temperature, alpha,
+                  gamma, grad):
+        return None

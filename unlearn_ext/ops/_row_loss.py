@@ -1,0 +1,152 @@
+"""The autograd Function behind every row op, and the dispatch from a public op to a backend.
+
+All six row ops share one contract (DESIGN.md, "Forward and backward"): the forward reads
+each row once and saves only per-row statistics; the backward reads the row again and
+writes the gradient, optionally over the logits. So they share this Function and differ
+only in the kernel op they name; each op's own file holds its public function, its
+nn.Module and its reference.
+
+Reductions happen inside the Function so that the CPU backend can write the gradient
+during the forward (one walk over a row from memory instead of two). A per-row upstream
+gradient (reduction="none") always goes through the exact backward kernel.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, NamedTuple
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .. import reference
+from .._backends import _kernels, resolve
+from ._checks import check_finite, check_labels, check_logits, check_reduction, check_teacher, tracing
+
+
+class RowParams(NamedTuple):
+    ignore_index: int = reference.IGNORE_INDEX
+    inv_temperature: float = 1.0
+    alpha: float = 0.0  # RKLD
+    gamma: float = 0.0  # UnDIAL
+
+
+def new_grad_buffer(like: torch.Tensor) -> torch.Tensor:
+    """A gradient buffer for the kernels; NaN-filled under UNLEARN_EXT_POISON=1 (the tests)
+    so that an element a kernel fails to write shows up."""
+    if os.environ.get("UNLEARN_EXT_POISON") == "1":
+        return torch.full(like.shape, float("nan"), dtype=like.dtype, device=like.device)
+    return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+
+
+def _kernel_view(x: torch.Tensor) -> torch.Tensor:
+    """A 2-D or 3-D tensor with unit stride on V; kernels read [B, T, V] slices such as
+    logits[:, :-1] in place, so only a >3-D tensor or a strided V is copied."""
+    if x.dim() > 3:
+        x = x.reshape(-1, *x.shape[-2:])
+    if x.shape[-1] > 1 and x.stride(-1) != 1:
+        x = x.contiguous()
+    return x
+
+
+class RowLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, teacher, teacher2, labels, op: str, params: RowParams, reduction: str,
+                backend: str, inplace: bool):
+        kernels = _kernels(backend)
+        rows = logits.numel() // logits.shape[-1]
+        count = None
+        if reduction == "mean":
+            count = ((labels != params.ignore_index).sum() if labels is not None
+                     else torch.tensor(rows, device=logits.device))
+        ctx.op, ctx.params, ctx.reduction, ctx.backend, ctx.inplace = op, params, reduction, backend, inplace
+        ctx.fused = (reduction != "none" and kernels.fuses_grad and ctx.needs_input_grad[0] and not tracing())
+        if ctx.fused:
+            grad = logits if inplace else new_grad_buffer(logits)
+            scale = 1.0 / max(int(count), 1) if reduction == "mean" else 1.0
+            values, stats = kernels.forward_with_grad(op, logits, teacher, teacher2, labels, params, grad, scale)
+            ctx.save_for_backward(grad)
+        else:
+            values, stats = kernels.forward(op, logits, teacher, teacher2, labels, params)
+            if ctx.needs_input_grad[0]:
+                ctx.save_for_backward(logits, teacher, teacher2, labels, stats, count)
+        if reduction == "none":
+            return values.reshape(logits.shape[:-1])
+        if reduction == "sum":
+            return values.sum()
+        return values.sum() / count.clamp(min=1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        nones = (None,) * 8
+        if ctx.fused:
+            (grad,) = ctx.saved_tensors
+            if bool(g != 1):  # the forward wrote the gradient for an upstream gradient of 1
+                grad.mul_(g)
+            return (grad,) + nones
+        logits, teacher, teacher2, labels, stats, count = ctx.saved_tensors
+        rows = stats.shape[0]
+        g = g.to(stats.dtype)
+        if ctx.reduction == "none":
+            grad_rows = g.reshape(-1).contiguous()
+        elif ctx.reduction == "sum":
+            grad_rows = g.expand(rows).contiguous()
+        else:
+            grad_rows = (g / count.clamp(min=1)).expand(rows).contiguous()
+        grad = logits if ctx.inplace else new_grad_buffer(logits)
+        _kernels(ctx.backend).backward(ctx.op, logits, teacher, teacher2, labels, stats, grad_rows, ctx.params, grad)
+        return (grad,) + nones
+
+
+def row_loss(
+    op: str,
+    logits: torch.Tensor,
+    teachers: tuple[tuple[str, torch.Tensor], ...],
+    labels: torch.Tensor | None,
+    *,
+    labels_required: bool,
+    reference_fn: Callable[..., torch.Tensor],
+    ignore_index: int,
+    temperature: float,
+    reduction: str,
+    backend: str | None,
+    inplace_backward: bool,
+    alpha: float = 0.0,
+    gamma: float = 0.0,
+) -> torch.Tensor:
+    """Checks the arguments of a row op and runs it on the chosen backend.
+
+    ``teachers`` are (argument name, tensor) pairs; ``reference_fn(logits, *teachers,
+    labels)`` gives the per-row values of the torch backend.
+    """
+    check_logits(logits)
+    for name, teacher in teachers:
+        check_teacher(teacher, logits, name)
+    check_reduction(reduction)
+    temperature = check_finite("temperature", temperature, positive=True)
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    flat_labels = check_labels(labels, logits, ignore_index, required=labels_required)
+
+    kernels = resolve(backend, logits.device)
+    if kernels is None:
+        values = reference_fn(logits, *(t for _, t in teachers), labels)
+        return reference.reduce(values, labels, ignore_index=ignore_index, reduction=reduction)
+
+    params = RowParams(ignore_index, 1.0 / temperature, float(alpha), float(gamma))
+    teacher_views = [_kernel_view(t.detach()) for _, t in teachers] + [None] * (2 - len(teachers))
+    inplace = bool(inplace_backward) and not tracing()
+    out = RowLossFunction.apply(_kernel_view(logits), teacher_views[0], teacher_views[1], flat_labels, op,
+                                params, reduction, kernels.name, inplace)
+    return out.reshape(logits.shape[:-1]) if reduction == "none" else out
+
+
+class RowLossModule(torch.nn.Module):
+    """Base of the thin nn.Module wrappers: holds the keyword arguments of its op."""
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.kwargs = kwargs
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())

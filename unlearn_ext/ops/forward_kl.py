@@ -1,0 +1,34 @@
+"""forward_kl: KL(q ‖ p) per row, q = softmax(teacher / τ), p = softmax(logits / τ).
+
+Used to keep a student close to a frozen reference on retain data (GradDiff+KL, NPO+KL,
+EUL). The teacher never receives a gradient.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from ._row_loss import RowLossModule, row_loss
+
+
+def forward_kl(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None, *,
+               ignore_index: int = reference.IGNORE_INDEX, reduction: str = "mean", temperature: float = 1.0,
+               backend: str | None = None, inplace_backward: bool = False) -> torch.Tensor:
+    """KL(teacher ‖ student) per row; ``labels`` (optional) only mark ignored rows."""
+    return row_loss(
+        "forward_kl", logits, (("teacher_logits", teacher_logits),), labels, labels_required=False,
+        reference_fn=lambda x, t, y: reference.forward_kl(x, t, y, ignore_index=ignore_index, temperature=temperature),
+        ignore_index=ignore_index, temperature=temperature, reduction=reduction, backend=backend,
+        inplace_backward=inplace_backward)
+
+
+class ForwardKLLoss(RowLossModule):
+    """Module form of :func:`forward_kl`."""
+
+    def __init__(self, *, ignore_index: int = reference.IGNORE_INDEX, reduction: str = "mean",
+                 temperature: float = 1.0, backend: str | None = None, inplace_backward: bool = False):
+        super().__init__(ignore_index=ignore_index, reduction=reduction, temperature=temperature, backend=backend,
+                         inplace_backward=inplace_backward)
+
+    def forward(self, logits, teacher_logits, labels=None):
+        return forward_kl(logits, teacher_logits, labels, **self.kwargs)
