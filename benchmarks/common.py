@@ -1,0 +1,70 @@
+"""Measuring helpers shared by the benchmark scripts: medians of timings, and peak memory
+of one case (CUDA: the allocator's peak; CPU: the peak resident set of a fresh process)."""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import platform
+import resource
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def machine() -> str:
+    """A one-line description of where the numbers come from."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def median_time(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5) -> float:
+    """Median wall time of fn() in seconds (CUDA: synchronised around each call)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _child(setup, run, queue):
+    torch.set_num_threads(queue.get())
+    state = setup()  # inputs are allocated and touched before the baseline is read
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    run(state)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    queue.put((peak - base) * 1024)
+
+
+def cpu_peak_extra_bytes(setup: Callable[[], object], run: Callable[[object], object]) -> int:
+    """Peak memory that run(setup()) adds above its inputs, in a fresh process (ru_maxrss
+    only grows, so the baseline is taken once the inputs exist). setup and run must be
+    module-level functions (they are pickled)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    queue.put(torch.get_num_threads())
+    proc = ctx.Process(target=_child, args=(setup, run, queue))
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0:
+        raise RuntimeError(f"memory measurement failed (exit code {proc.exitcode})")
+    return queue.get()
+
+
+def write_json(path: str, rows: list[dict], **meta) -> None:
+    with open(path, "w") as f:
+        json.dump({"machine": machine(), **meta, "rows": rows}, f, indent=1)
