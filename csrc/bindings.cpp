@@ -46,18 +46,9 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const std::string& op, const at:
   RowCall call = make_row_call(op, logits, teacher, teacher2, labels, ignore_index, inv_temperature, alpha, gamma);
   RowArgs& a = call.args;
   check_label_range(a);
-  const auto opts = logits.options().dtype(compute_dtype(logits));
-  at::Tensor values = new_output({a.rows}, opts);
-  at::Tensor stats = new_output({a.rows, kNumStats}, opts);
-  a.values = values.data_ptr();
-  a.stats = stats.data_ptr();
-  if (grad != nullptr) {
-    a.grad = grad_view(*grad, logits);
-    a.write_grad = true;
-    a.grad_scale = grad_scale;
-  }
+  auto outputs = attach_forward_outputs(a, logits, grad, grad_scale);
   run_rows(a, cpu::kernels().forward);
-  return {values, stats};
+  return outputs;
 }
 
 std::tuple<at::Tensor, at::Tensor> row_loss_forward_cpu(
@@ -83,15 +74,8 @@ void row_loss_backward_cpu(const std::string& op, const at::Tensor& logits,
                            double inv_temperature, double alpha, double gamma, at::Tensor grad) {
   check_cpu(logits);
   RowCall call = make_row_call(op, logits, teacher, teacher2, labels, ignore_index, inv_temperature, alpha, gamma);
-  RowArgs& a = call.args;
-  const auto cdt = compute_dtype(logits);
-  TORCH_CHECK_VALUE(stats.scalar_type() == cdt && stats.is_contiguous() && stats.dim() == 2 && stats.size(0) == a.rows && stats.size(1) == kNumStats, "unlearn_ext: stats must be the contiguous [rows, ", kNumStats, "] tensor returned by the forward");
-  TORCH_CHECK_VALUE(grad_rows.scalar_type() == cdt && grad_rows.is_contiguous() && grad_rows.numel() == a.rows, "unlearn_ext: grad_rows must be a contiguous ", cdt, " tensor with one entry per row");
-  TORCH_CHECK_VALUE(stats.device() == logits.device() && grad_rows.device() == logits.device(), "unlearn_ext: stats and grad_rows must be on the device of logits");
-  a.stats = const_cast<void*>(stats.data_ptr());
-  a.grad_rows = grad_rows.data_ptr();
-  a.grad = grad_view(grad, logits);
-  run_rows(a, cpu::kernels().backward);
+  attach_backward_args(call.args, logits, stats, grad_rows, grad);
+  run_rows(call.args, cpu::kernels().backward);
 }
 
 }  // namespace

@@ -46,6 +46,9 @@ UE_HD constexpr int num_teachers(Op op) {
 UE_HD constexpr bool reads_label_logit(Op op) {
   return op == Op::kTokenLogprob || op == Op::kCrossEntropy;
 }
+// Ops that need a valid label: a row without one gets NaN (the bindings refuse such labels
+// where checking them is free; a kernel never reads out of bounds).
+UE_HD constexpr bool needs_label(Op op) { return reads_label_logit(op) || op == Op::kUnDIAL; }
 
 template <typename T>
 UE_HD T neg_inf() {

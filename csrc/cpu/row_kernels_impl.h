@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "../common/float_bits.h"
 #include "../common/row_args.h"
 #include "../common/row_math.h"
 
@@ -26,17 +27,6 @@ namespace UE_ISA {
 namespace {
 
 constexpr int64_t kBlock = 1024;
-
-inline float bits_to_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-inline uint32_t float_to_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
 
 // exp(x) in float, vectorisable (no calls, no branches): Cephes' expf polynomial on
 // x - n ln2 with n = round(x / ln2), about 1 ulp. Below -87.3 the result is 0 (exact for
@@ -82,14 +72,6 @@ struct Expm1Fn {
   T operator()(T x) const { return std::expm1(x); }
 };
 
-// bfloat16 <-> float by bits; float -> bfloat16 rounds to nearest even like torch.
-inline uint16_t float_to_bf16(float f) {
-  const uint32_t u = float_to_bits(f);
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  return (u & 0x7fffffffu) > 0x7f800000u ? static_cast<uint16_t>(0x7fc0u | ((u >> 16) & 0x8000u))
-                                         : static_cast<uint16_t>(rounded);
-}
-
 // dst[i] = scale * src[i] in the compute type T.
 template <typename T>
 void load(T* dst, const RowView& v, int64_t offset, int64_t n, T scale) {
@@ -104,7 +86,7 @@ void load(T* dst, const RowView& v, int64_t offset, int64_t n, T scale) {
       const uint16_t* p = static_cast<const uint16_t*>(v.data) + offset;
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i)
-        dst[i] = static_cast<T>(bits_to_float(static_cast<uint32_t>(p[i]) << 16)) * scale;
+        dst[i] = static_cast<T>(bf16_to_float(p[i])) * scale;
       break;
     }
     case DType::kFloat16: {
@@ -257,12 +239,6 @@ void grad_row(const RowArgs& a, int64_t r, int64_t y, T g, const T* stats, Scrat
   }
 }
 
-// Ops that need a valid label (token ops, UnDIAL) give NaN for a row without one.
-template <Op op>
-bool needs_label() {
-  return reads_label_logit(op) || op == Op::kUnDIAL;
-}
-
 template <Op op, typename T>
 void forward_rows(const RowArgs& a, int64_t begin, int64_t end) {
   constexpr int ns = kNumStats;
@@ -291,7 +267,7 @@ void forward_rows(const RowArgs& a, int64_t begin, int64_t end) {
         s_label = load_one<T>(a.student, row_offset(a.student, r) + y) * static_cast<T>(a.inv_temperature);
     }
     T value = finalize<op, T>(state, s_label, stats, ExpFn{}, LogFn{}, Log1pFn{});
-    const bool bad_label = needs_label<op>() && y < 0;
+    const bool bad_label = needs_label(op) && y < 0;
     if (bad_label) value = NAN;
     values[r] = value;
     if (a.write_grad) {
@@ -313,7 +289,7 @@ void backward_rows(const RowArgs& a, int64_t begin, int64_t end) {
       continue;
     }
     const int64_t y = row_label(a, r);
-    const T g = (needs_label<op>() && y < 0) ? T(NAN) : grad_rows[r] * static_cast<T>(a.inv_temperature);
+    const T g = (needs_label(op) && y < 0) ? T(NAN) : grad_rows[r] * static_cast<T>(a.inv_temperature);
     grad_row<op, T>(a, r, y, g, stats_all + r * ns, w);
   }
 }
