@@ -224,7 +224,11 @@ RowState<T> block_state(Scratch<T>& w, int64_t n, int64_t label_pos) {
 
 // Writes the gradient of row r, g times d(loss)/d(scaled logits) (g includes 1/temperature).
 template <Op op, typename T>
-void grad_row(const RowArgs& a, int64_t r, int64_t y, T g, const T* stats, Scratch<T>& w) {
+void grad_row(const RowArgs& a, int64_t r, int64_t y, T g, const T* row_stats, Scratch<T>& w) {
+  // A local copy: the compiler cannot prove that stores to w.out leave row_stats alone, and
+  // reloading them inside the loop stops it from vectorising.
+  T stats[kNumStats];
+  for (int k = 0; k < kNumStats; ++k) stats[k] = row_stats[k];
   const int64_t out_offset = row_offset(a.grad, r);
   for (int64_t b0 = 0; b0 < a.vocab; b0 += kBlock) {
     const int64_t n = a.vocab - b0 < kBlock ? a.vocab - b0 : kBlock;
