@@ -11,10 +11,6 @@
 namespace unlearn_ext {
 namespace {
 
-void check_cpu(const at::Tensor& logits) {
-  TORCH_CHECK_VALUE(logits.device().is_cpu(), "unlearn_ext: CPU kernel called with logits on ", logits.device());
-}
-
 // Labels outside [0, V) other than ignore_index are refused: free to check on the CPU.
 void check_label_range(const RowArgs& a) {
   if (a.labels == nullptr) return;
@@ -35,48 +31,19 @@ void run_rows(const RowArgs& a, cpu::RowRangeFn fn) {
   at::parallel_for(0, a.rows, grain(a), [&](int64_t begin, int64_t end) { fn(a, begin, end); });
 }
 
-std::tuple<at::Tensor, at::Tensor> forward_impl(const std::string& op, const at::Tensor& logits,
-                                                const c10::optional<at::Tensor>& teacher,
-                                                const c10::optional<at::Tensor>& teacher2,
-                                                const c10::optional<at::Tensor>& labels,
-                                                int64_t ignore_index, double inv_temperature,
-                                                double alpha, double gamma,
-                                                const at::Tensor* grad, double grad_scale) {
-  check_cpu(logits);
-  RowCall call = make_row_call(op, logits, teacher, teacher2, labels, ignore_index, inv_temperature, alpha, gamma);
-  RowArgs& a = call.args;
-  check_label_range(a);
-  auto outputs = attach_forward_outputs(a, logits, grad, grad_scale);
-  run_rows(a, cpu::kernels().forward);
-  return outputs;
-}
-
-std::tuple<at::Tensor, at::Tensor> row_loss_forward_cpu(
-    const std::string& op, const at::Tensor& logits, const c10::optional<at::Tensor>& teacher,
-    const c10::optional<at::Tensor>& teacher2, const c10::optional<at::Tensor>& labels,
-    int64_t ignore_index, double inv_temperature, double alpha, double gamma) {
-  return forward_impl(op, logits, teacher, teacher2, labels, ignore_index, inv_temperature, alpha, gamma, nullptr, 1.0);
-}
-
-std::tuple<at::Tensor, at::Tensor> row_loss_forward_with_grad_cpu(
-    const std::string& op, const at::Tensor& logits, const c10::optional<at::Tensor>& teacher,
-    const c10::optional<at::Tensor>& teacher2, const c10::optional<at::Tensor>& labels,
-    int64_t ignore_index, double inv_temperature, double alpha, double gamma, at::Tensor grad,
-    double grad_scale) {
-  return forward_impl(op, logits, teacher, teacher2, labels, ignore_index, inv_temperature, alpha, gamma, &grad, grad_scale);
-}
-
-void row_loss_backward_cpu(const std::string& op, const at::Tensor& logits,
-                           const c10::optional<at::Tensor>& teacher,
-                           const c10::optional<at::Tensor>& teacher2,
-                           const c10::optional<at::Tensor>& labels, const at::Tensor& stats,
-                           const at::Tensor& grad_rows, int64_t ignore_index,
-                           double inv_temperature, double alpha, double gamma, at::Tensor grad) {
-  check_cpu(logits);
-  RowCall call = make_row_call(op, logits, teacher, teacher2, labels, ignore_index, inv_temperature, alpha, gamma);
-  attach_backward_args(call.args, logits, stats, grad_rows, grad);
-  run_rows(call.args, cpu::kernels().backward);
-}
+// The CPU backend of RowOps (torch_row_args.h).
+struct Cpu {
+  struct Guard {
+    explicit Guard(const at::Tensor& logits) {
+      TORCH_CHECK_VALUE(logits.device().is_cpu(), "unlearn_ext: CPU kernel called with logits on ", logits.device());
+    }
+  };
+  static void forward(const RowArgs& a) {
+    check_label_range(a);
+    run_rows(a, cpu::kernels().forward);
+  }
+  static void backward(const RowArgs& a) { run_rows(a, cpu::kernels().backward); }
+};
 
 }  // namespace
 
@@ -87,9 +54,9 @@ TORCH_LIBRARY(unlearn_ext, m) {
 }
 
 TORCH_LIBRARY_IMPL(unlearn_ext, CPU, m) {
-  m.impl("row_loss_forward", &row_loss_forward_cpu);
-  m.impl("row_loss_forward_with_grad", &row_loss_forward_with_grad_cpu);
-  m.impl("row_loss_backward", &row_loss_backward_cpu);
+  m.impl("row_loss_forward", &RowOps<Cpu>::forward);
+  m.impl("row_loss_forward_with_grad", &RowOps<Cpu>::forward_with_grad);
+  m.impl("row_loss_backward", &RowOps<Cpu>::backward);
 }
 
 }  // namespace unlearn_ext

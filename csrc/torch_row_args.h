@@ -154,4 +154,51 @@ inline void attach_backward_args(RowArgs& a, const at::Tensor& logits, const at:
   a.grad = grad_view(grad, logits);
 }
 
+// The three ops of the schemas (csrc/bindings.cpp) for one backend: check, allocate,
+// describe, run. The backend supplies
+//   Guard      constructed from the logits before anything else: checks their device and
+//              holds whatever the kernels need (the CUDA binding: a device guard);
+//   forward(a), backward(a)   which run its kernels on a checked RowArgs.
+template <class Backend>
+struct RowOps {
+  static std::tuple<at::Tensor, at::Tensor> forward(const std::string& op, const at::Tensor& logits,
+                                                    const c10::optional<at::Tensor>& teacher,
+                                                    const c10::optional<at::Tensor>& teacher2,
+                                                    const c10::optional<at::Tensor>& labels, int64_t ignore_index,
+                                                    double inv_temperature, double alpha, double gamma) {
+    return run_forward(op, logits, teacher, teacher2, labels, ignore_index, inv_temperature, alpha, gamma, nullptr, 1.0);
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> forward_with_grad(
+      const std::string& op, const at::Tensor& logits, const c10::optional<at::Tensor>& teacher,
+      const c10::optional<at::Tensor>& teacher2, const c10::optional<at::Tensor>& labels, int64_t ignore_index,
+      double inv_temperature, double alpha, double gamma, at::Tensor grad, double grad_scale) {
+    return run_forward(op, logits, teacher, teacher2, labels, ignore_index, inv_temperature, alpha, gamma, &grad, grad_scale);
+  }
+
+  static void backward(const std::string& op, const at::Tensor& logits, const c10::optional<at::Tensor>& teacher,
+                       const c10::optional<at::Tensor>& teacher2, const c10::optional<at::Tensor>& labels,
+                       const at::Tensor& stats, const at::Tensor& grad_rows, int64_t ignore_index,
+                       double inv_temperature, double alpha, double gamma, at::Tensor grad) {
+    const typename Backend::Guard guard(logits);
+    RowCall call = make_row_call(op, logits, teacher, teacher2, labels, ignore_index, inv_temperature, alpha, gamma);
+    attach_backward_args(call.args, logits, stats, grad_rows, grad);
+    Backend::backward(call.args);
+  }
+
+ private:
+  static std::tuple<at::Tensor, at::Tensor> run_forward(const std::string& op, const at::Tensor& logits,
+                                                        const c10::optional<at::Tensor>& teacher,
+                                                        const c10::optional<at::Tensor>& teacher2,
+                                                        const c10::optional<at::Tensor>& labels,
+                                                        int64_t ignore_index, double inv_temperature, double alpha,
+                                                        double gamma, const at::Tensor* grad, double grad_scale) {
+    const typename Backend::Guard guard(logits);
+    RowCall call = make_row_call(op, logits, teacher, teacher2, labels, ignore_index, inv_temperature, alpha, gamma);
+    auto outputs = attach_forward_outputs(call.args, logits, grad, grad_scale);
+    Backend::forward(call.args);
+    return outputs;
+  }
+};
+
 }  // namespace unlearn_ext

@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import unlearn_ext as ue
 from unlearn_ext.ops import _row_loss
 from row_op_suite import IGNORE, OpSpec, assert_elementwise, check_against_reference, make_inputs, run
 
@@ -149,11 +148,16 @@ def emulate(lib, monkeypatch):
 
 # ---- against the reference, through the op layer ---------------------------------------
 
+# The longest rows in bfloat16 only: the emulator is slow, and the dtypes differ only in
+# their conversions, which the short rows cover.
+CASES = [(shape, dtype) for shape in [(3, 1), (5, 7), (16, 1271)]
+         for dtype in [torch.float32, torch.bfloat16, torch.float16]] + [((4, 32003), torch.bfloat16)]
+
+
 @pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("shape", [(3, 1), (5, 7), (16, 1271), (4, 32003)], ids=str)
+@pytest.mark.parametrize("shape,dtype", CASES, ids=str)
 @pytest.mark.parametrize("mode", ["none", "mean-fused", "sum-unfused"])
-def test_matches_reference(emulate, op, dtype, shape, mode, seed):
+def test_matches_reference(emulate, op, shape, dtype, mode, seed):
     reduction = mode.split("-")[0]
     backend = emulate(fuses_grad=mode.endswith("-fused"))
     check_against_reference(SPECS[op], backend, shape, dtype, reduction)

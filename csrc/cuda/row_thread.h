@@ -105,10 +105,10 @@ UE_HD void vec_set(Raw16& r, int i, float x) {  // r starts zeroed
   }
 }
 
-// Plain 16-byte load (pass 1: the data may be read again from L2).
+// 16-byte load for pass 1, cached in L2 only (pass 2 may read it again from there).
 UE_HD Raw16 load16(const void* p) {
 #if defined(__CUDA_ARCH__)
-  const uint4 v = *static_cast<const uint4*>(p);
+  const uint4 v = __ldcg(static_cast<const uint4*>(p));
   return Raw16{{v.x, v.y, v.z, v.w}};
 #else
   Raw16 r;
@@ -138,6 +138,11 @@ UE_HD void store16(void* p, const Raw16& r) {
 
 UE_HD char* elem_ptr(const RowView& v, int64_t off) {
   return static_cast<char*>(v.data) + off * dtype_bytes(v.dtype);
+}
+// The same where the dtype is the vector path's (known at compile time).
+template <Path P>
+UE_HD char* vec_ptr(const RowView& v, int64_t off) {
+  return static_cast<char*>(v.data) + off * path_bytes(P);
 }
 
 // One element of any dtype, in the compute type T.
@@ -288,7 +293,7 @@ UE_HD void load_tile(const RowArgs& a, const RowPlan& p, int64_t start, int tid,
     if (v < p.nvec) {
       UE_UNROLL
       for (int k = 0; k < Tile<op, P>::kInputs; ++k) {
-        const void* ptr = elem_ptr(*views[k], p.off[k] + p.vec_begin + v * N);
+        const void* ptr = vec_ptr<P>(*views[k], p.off[k] + p.vec_begin + v * N);
         tile.v[k][u] = last_read ? load16_last(ptr) : load16(ptr);
       }
     }
@@ -480,7 +485,7 @@ UE_HD void thread_grad(const RowArgs& a, const RowPlan& p, const Params<T>& q, i
         UE_UNROLL
         for (int e = 0; e < N; ++e)
           vec_set<P>(out, e, static_cast<float>(grad_at<op, T>(s[e], t[e], j0 + e, p.label, stats, g)));
-        store16(elem_ptr(a.grad, p.off[3] + j0), out);
+        store16(vec_ptr<P>(a.grad, p.off[3] + j0), out);
       });
     }
   }
@@ -495,7 +500,7 @@ UE_HD void thread_zero_grad(const RowArgs& a, const RowPlan& p, int tid, int nth
   constexpr int N = vec_elems(P);
   if constexpr (P != Path::kScalar) {
     for (int64_t v = tid; v < p.nvec; v += nthreads)
-      store16(elem_ptr(a.grad, p.off[3] + p.vec_begin + v * N), Raw16{{0u, 0u, 0u, 0u}});
+      store16(vec_ptr<P>(a.grad, p.off[3] + p.vec_begin + v * N), Raw16{{0u, 0u, 0u, 0u}});
   }
   const int64_t count = scalar_count(p, a.vocab, N);
   for (int64_t i = tid; i < count; i += nthreads) store_elem<float>(a.grad, p.off[3] + scalar_index(p, i, N), 0.0f);
