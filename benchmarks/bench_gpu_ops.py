@@ -53,7 +53,7 @@ IMPLS = ["cuda", "cuda_inplace", "triton", "eager", "liger", "compile"]
 
 def ours(op, backend, inplace=False):
     fn, kw = getattr(ue, op), PARAMS.get(op, {})
-    return lambda x, ts, y: fn(x, *ts, y, backend=backend, inplace_backward=inplace, **kw)
+    return lambda x, ts, y: fn(x, *ts, y, reduction="mean", backend=backend, inplace_backward=inplace, **kw)
 
 
 def reference(op):
@@ -62,11 +62,11 @@ def reference(op):
 
 
 def liger(op):
-    """Liger-Kernel's loss for the op from logits, or None where it has none (or is absent)."""
+    """Liger-Kernel's loss for the op from logits, or a string saying why there is none."""
     try:
         from liger_kernel.transformers import LigerCrossEntropyLoss, LigerJSD, LigerKLDIVLoss
-    except ImportError:
-        return None
+    except ImportError as exc:
+        return f"Liger-Kernel not importable ({exc})"
     log_softmax = torch.log_softmax
     if op == "cross_entropy":
         ce = LigerCrossEntropyLoss()
@@ -77,7 +77,7 @@ def liger(op):
     if op == "reverse_kl":
         jsd = LigerJSD(beta=1.0)
         return lambda x, ts, y: jsd(log_softmax(x, -1), log_softmax(ts[0], -1))
-    return None
+    return "Liger-Kernel has no such op"
 
 
 def implementation(impl, op, compiled):
@@ -94,8 +94,7 @@ def implementation(impl, op, compiled):
         if op not in compiled:
             compiled[op] = torch.compile(reference(op), dynamic=True)
         return compiled[op]
-    fn = liger(op)
-    return fn if fn is not None else "Liger-Kernel has no such op (or is not installed)"
+    return liger(op)
 
 
 def make_inputs(op, rows, vocab, dtype, copies):
