@@ -42,3 +42,131 @@ def tiny_llama(seed: int = 0, vocab_size: int = 256, **overrides):
                          **overrides)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).float()
+
+
+_TRAINED: dict[int, dict] = {}
+
+
+def trained_llama(seed: int = 0, steps: int = 150):
+    """A tiny Llama that has memorised FORGET and RETAIN (plain full-batch Adam: fast and
+    independent of the trainer under test). Cached per process."""
+    from unlearn_ext.data import QACollator
+    model = tiny_llama(seed)
+    if seed not in _TRAINED:
+        batch = QACollator(make_tokenizer())(FORGET + RETAIN)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(steps):
+            opt.zero_grad()
+            model(**batch).loss.backward()
+            opt.step()
+        _TRAINED[seed] = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(_TRAINED[seed])
+    return model
+
+
+def collate():
+    from unlearn_ext.data import QACollator
+    return QACollator(make_tokenizer())
+
+
+def method_batch(forget=None, retain=None):
+    c = collate()
+    return {"forget": c(forget or FORGET[:3]), "retain": c(retain or RETAIN[:3])}
+
+
+@torch.no_grad()
+def answer_nll(model, records) -> float:
+    """Mean NLL over the answer tokens of ``records`` (HF's own shifted loss)."""
+    model.eval()
+    return float(model(**collate()(records)).loss)
+
+
+# ---- plain-PyTorch transcriptions of the method formulas (float64, torch.nn.functional only) ----
+import torch.nn.functional as F  # noqa: E402
+
+
+def shifted(model, part, hidden: bool = False):
+    """(logits [B, T-1, V] float64, labels [B, T-1], last hidden [B, T-1, H] or None)."""
+    out = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"], output_hidden_states=hidden)
+    h = out.hidden_states[-1][:, :-1] if hidden else None
+    return out.logits[:, :-1].double(), part["labels"][:, 1:], h
+
+
+def mean_nll(logits, labels):
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+def seq_logprob(logits, labels):
+    """Σ over answer tokens of log p(y_t), and the answer lengths, per sequence."""
+    mask = labels != -100
+    picked = F.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(-1), mask.sum(-1)
+
+
+def mean_forward_kl(logits, teacher_logits, labels):
+    """KL(teacher ‖ student) averaged over answer tokens."""
+    mask = labels != -100
+    kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher_logits.detach(), -1), log_target=True,
+                  reduction="none").sum(-1)
+    return (kl * mask).sum() / mask.sum()
+
+
+def perturbed(model, scale: float = 0.02, seed: int = 1):
+    """``model`` with seeded Gaussian noise on every weight (so that it differs from its reference)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return model
+
+
+def assert_matches(method, formula, rtol=1e-5, grad_rtol=1e-4):
+    """``method.loss(batch)`` equals ``formula()`` in value and in its gradient with respect
+    to every trainable parameter of the student (float32 kernels against a float64
+    transcription: element errors are bounded relative to the gradient's largest entry)."""
+    batch = method._test_batch
+    params = [p for p in method.models.student.parameters() if p.requires_grad]
+    loss, logs = method.loss(batch)
+    grads = torch.autograd.grad(loss, params)
+    expected = formula(batch)
+    expected_grads = torch.autograd.grad(expected, params)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=rtol, atol=1e-6)
+    for got, want in zip(grads, expected_grads):
+        scale = float(want.abs().max())
+        torch.testing.assert_close(got.double(), want.double(), rtol=grad_rtol, atol=1e-5 * scale + 1e-12)
+    assert all(torch.isfinite(v).all() for v in logs.values())
+    return loss, logs
+
+
+def setup_method(cls, *, backend=None, reference=True, data=None, **options):
+    """A method on a perturbed copy of the trained tiny Llama, its frozen original as
+    reference, prepared on FORGET/RETAIN, with a test batch at ``method._test_batch``."""
+    import copy
+
+    from unlearn_ext.methods import LogitsHead, Models, PrepareData, freeze
+    original = trained_llama()
+    student = perturbed(copy.deepcopy(original))
+    method = cls(head=LogitsHead(backend), **options)
+    models = Models(student=student, reference=freeze(original) if reference else None)
+    method.prepare(models, data or PrepareData(FORGET, RETAIN, collate(), seed=0))
+    method._test_batch = method_batch()
+    return method
+
+
+def cpu_backends() -> list[str]:
+    """The loss backends this machine runs on the CPU (torch, the C++ kernels, …)."""
+    from conftest import BACKEND_DEVICES
+    return [b for b, d in BACKEND_DEVICES if d == "cpu"]
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and the test machine is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

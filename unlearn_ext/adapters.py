@@ -154,7 +154,7 @@ def fuse(states: list[dict[str, torch.Tensor]], grams: list[dict[str, torch.Tens
         rhs = 0
         for state, gram in zip(states, grams):
             stacked = torch.cat([state[f"{name}.weight"].double().T, state[f"{name}.bias"].double()[None]], dim=0)
-            rhs = rhs + gram @ stacked
+            rhs = rhs + gram[name] @ stacked
         reg = ridge * total.diagonal().mean() * torch.eye(total.shape[0], dtype=total.dtype)
         solution = torch.linalg.solve(total + reg, rhs)
         dtype = states[0][f"{name}.weight"].dtype

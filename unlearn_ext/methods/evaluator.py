@@ -8,8 +8,8 @@ publishes neither code nor loss formulas. This is the project's concrete version
    representation of a (prompt, response) pair: its last hidden state mean-pooled over the
    positions that predict the response tokens. Trained in ``prepare`` (full batch,
    standardised features, fixed step count: deterministic) from labelled pairs: by default
-   the forget answers are positives (1) and retain answers and acceptable answers are
-   negatives (0); ``evaluator_data`` (a JSON/JSONL file of {"question", "answer",
+   the forget answers are positives (1) and retain answers (up to 1024) and acceptable
+   answers are negatives (0); ``evaluator_data`` (a JSON/JSONL file of {"question", "answer",
    "label"}) replaces them. Any callable mapping pooled original-model features [B, H] to
    probabilities [B] can replace it (``EvaluatorGuided(evaluator=...)``). Pairs scoring
    above ``threshold`` are *flagged*; the forgetting losses apply to flagged pairs only.
@@ -158,7 +158,7 @@ class EvaluatorGuided(Method):
                 features = self._features(labelled, data.collate)
                 labels = torch.tensor([float(r["label"]) for r in labelled])
             else:
-                negatives = list(data.retain or [])[:len(data.forget)]
+                negatives = list(data.retain or [])[:max(len(data.forget), 1024)]
                 parts = [self._features(list(data.forget), data.collate), acceptable_features]
                 if negatives:
                     parts.append(self._features(negatives, data.collate))
