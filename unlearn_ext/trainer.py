@@ -142,7 +142,8 @@ def bf16_supported() -> bool:
 def make_accelerator(config: TrainConfig):
     from accelerate import Accelerator
     bf16 = bf16_supported() if config.bf16 is None else config.bf16
-    return Accelerator(mixed_precision="bf16" if bf16 else "no")
+    # Without an accelerator, accelerate only goes multi-process (gloo) when told it is on the CPU.
+    return Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not torch.accelerator.is_available())
 
 
 def _to_device(part: dict, device) -> dict:
