@@ -117,3 +117,13 @@ def test_finetune_then_unlearn_with_eul_then_eval(capsys, files, tmp_path):
     else:
         assert code == 0, err
         assert "forget" in json.loads(out)["sets"]
+
+
+@pytest.mark.parametrize("path", sorted(cli.Path(__file__).parents[1].glob("configs/*.yaml")), ids=lambda p: p.name)
+def test_example_configs_are_valid(path):
+    command = "finetune" if path.name.startswith("finetune") else "unlearn"
+    flags = {"config": str(path), "model": "m", "output": "o", **({"data": "d"} if command == "finetune" else
+                                                                  {"forget": "f"})}
+    values = cli.resolve(command, cli.COMMANDS[command][0], flags)
+    if command == "unlearn":
+        METHODS[values["method"]].make_options(cli._pairs(values["method_arg"], "method-arg"))
