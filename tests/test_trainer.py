@@ -1,6 +1,7 @@
 """The trainer: batch plan, schedule, checkpoints, resume after SIGKILL, 2 processes = 1 process."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -122,3 +123,16 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(uninterrupte
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
     moved = max(float((want[n] - tiny_llama().state_dict()[n]).abs().max()) for n in want)
     assert moved > 1e-3  # the runs did train
+
+
+def test_checkpoints_restore_exactly_under_fsdp(tmp_path):
+    """accelerate uses DDP on the CPU, so FSDP2 is applied directly (fully_shard) to check
+    that checkpoints gather and re-shard parameters and optimizer state exactly."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "UNLEARN_EXT_POISON": "0"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(SCRIPT.with_name("fsdp_checkpoint_script.py")), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = re.search(r"max diff (\S+)", done.stdout)
+    assert found, done.stdout[-2000:]
+    assert float(found.group(1)) == 0.0

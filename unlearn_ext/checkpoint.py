@@ -129,7 +129,8 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler) -> dic
     weights = load_file(str(path / "trainable.safetensors"))
     for alias, name in state["aliases"].items():
         weights[alias] = weights[name]
-    expected = set(get_model_state_dict(model, options=_OPTIONS))
+    # Names from the local (sharded, not gathered) state dict: the same on every rank.
+    expected = set(get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True)))
     if set(weights) != expected:
         missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
         raise ValueError(f"checkpoint {path} does not match the model's trainable parameters "
