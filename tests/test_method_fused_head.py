@@ -4,6 +4,9 @@ another part of the library; here a stand-in builds the logits with F.linear and
 the logits ops, so any wiring mistake (wrong teacher, unshifted rows, lost option) shows
 as a difference from the logits head."""
 import copy
+import sys
+import types
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -14,38 +17,56 @@ import unlearn_ext
 from unlearn_ext import ops
 from unlearn_ext.methods import METHODS, RKLD, FusedLinearHead, LogitsHead, Method, freeze, make_head
 
-OPS = ["cross_entropy", "forward_kl", "reverse_kl", "rkld", "undial", "sequence_logprob", "ga_loss", "retain_loss",
-       "npo_loss", "simnpo_loss"]
+class LMHeadInputs(NamedTuple):
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    softcap: float | None = None
+
+    def logits(self):
+        return F.linear(self.hidden, self.weight, self.bias)
 
 
-def hidden_and_head(model, input_ids, attention_mask):
+def lm_head_inputs(model, input_ids, attention_mask=None):
     out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
     head = model.get_output_embeddings()
-    return out.hidden_states[-1], head.weight, head.bias, None
+    return LMHeadInputs(out.hidden_states[-1], head.weight, head.bias, None)
 
 
-def stand_in(op):
-    def fused(hidden, weight, labels, *, bias=None, softcap=None, backend=None, teacher_hidden=None,
-              teacher_weight=None, teacher_bias=None, teacher2_hidden=None, teacher2_weight=None, teacher2_bias=None,
-              **options):
+def shift_labels(labels):
+    return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+
+
+def student(fn):
+    """A stand-in with the fused API's leading (hidden, weight, …) arguments."""
+    def fused(hidden, weight, *args, bias=None, softcap=None, backend=None, **options):
         assert softcap is None
-        logits = F.linear(hidden, weight, bias)
-        teachers = [F.linear(h, w, b) for h, w, b in ((teacher_hidden, teacher_weight, teacher_bias),
-                                                      (teacher2_hidden, teacher2_weight, teacher2_bias)) if h is not None]
-        fn = getattr(ops, op)
-        if op == "retain_loss":
-            return fn(logits, labels, *teachers, backend=backend)
-        if teachers:
-            return fn(logits, *teachers, labels, backend=backend, **options)
-        return fn(logits, labels, backend=backend, **options)
+        args = [a.logits() if isinstance(a, LMHeadInputs) else a for a in args]
+        return fn(F.linear(hidden, weight, bias), *args, backend=backend, **options)
     return fused
+
+
+STAND_INS = {
+    "fused_linear_cross_entropy": student(ops.cross_entropy),
+    "fused_linear_forward_kl": student(lambda z, t, y, **kw: ops.forward_kl(z, t, y, **kw)),
+    "fused_linear_reverse_kl": student(lambda z, t, y, **kw: ops.reverse_kl(z, t, y, **kw)),
+    "fused_linear_rkld": student(lambda z, o, a, y, **kw: ops.rkld(z, o, a, y, **kw)),
+    "fused_linear_undial": student(lambda z, t, y, **kw: ops.undial(z, t, y, **kw)),
+    "fused_linear_sequence_logprob": student(ops.sequence_logprob),
+    "fused_linear_ga": student(ops.ga_loss),
+    "fused_linear_retain": student(ops.retain_loss),
+    "fused_linear_npo": student(ops.npo_loss),
+    "fused_linear_simnpo": student(ops.simnpo_loss),
+}
 
 
 @pytest.fixture
 def fused_api(monkeypatch):
-    monkeypatch.setattr(unlearn_ext, "causal_lm_hidden_and_head", hidden_and_head, raising=False)
-    for op in OPS:
-        monkeypatch.setattr(unlearn_ext, f"fused_linear_{op}", stand_in(op), raising=False)
+    monkeypatch.setitem(sys.modules, "unlearn_ext.models", types.SimpleNamespace(lm_head_inputs=lm_head_inputs))
+    monkeypatch.setattr(unlearn_ext, "LMHeadInputs", LMHeadInputs, raising=False)
+    monkeypatch.setattr(unlearn_ext, "shift_labels", shift_labels, raising=False)
+    for name, fn in STAND_INS.items():
+        monkeypatch.setattr(unlearn_ext, name, fn, raising=False)
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -67,14 +88,15 @@ def test_fused_head_gives_the_logits_head_loss(fused_api, monkeypatch, name):
     assert got_logs.keys() == want_logs.keys()
 
 
-def test_make_head_prefers_the_fused_path_where_installed(fused_api):
+def test_make_head_prefers_the_fused_path_where_installed(fused_api, monkeypatch):
     assert isinstance(make_head(), FusedLinearHead)
     assert type(make_head(fused=False)) is LogitsHead
+    monkeypatch.setenv("WORLD_SIZE", "2")  # not wired for DDP/FSDP yet: the default falls back
+    assert type(make_head()) is LogitsHead
 
 
 def test_forcing_a_missing_fused_path_says_so(monkeypatch):
-    if hasattr(unlearn_ext, "fused_linear_cross_entropy"):
-        monkeypatch.delattr(unlearn_ext, "fused_linear_cross_entropy")
+    monkeypatch.setitem(sys.modules, "unlearn_ext.models", None)  # import fails
     assert type(make_head()) is LogitsHead
     with pytest.raises(RuntimeError, match="not installed"):
         make_head(fused=True)

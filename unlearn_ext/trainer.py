@@ -181,6 +181,9 @@ def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
                              "or choose another output directory")
         resume_from = checkpoint.list_checkpoints(ckpt_root)[-1]
 
+    if acc.num_processes > 1 and method.head.name == "fused":
+        raise ValueError("the fused-linear loss path is not wired for multi-process (DDP/FSDP) runs yet: "
+                         "use the logits path (fused: false / --no-fused)")
     # One-off preparation, identical on every rank (same seed).
     if method.needs_reference() and models.reference is None:
         raise ValueError(f"method {method.name!r} needs a frozen reference model (Models.reference)")

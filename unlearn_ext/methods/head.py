@@ -17,6 +17,7 @@ Causal-LM shifting happens here, once: outputs hold positions ``[:, :-1]`` of th
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -97,72 +98,89 @@ class LogitsHead:
 
 
 def _fused_api():
-    """The fused-linear entry points, or None when this install does not have them."""
+    """(unlearn_ext with its fused_linear_* losses, unlearn_ext.models.lm_head_inputs), or
+    None when this install does not have them."""
+    import importlib
+
     import unlearn_ext
-    return unlearn_ext if hasattr(unlearn_ext, "fused_linear_cross_entropy") else None
+    try:
+        lm_head_inputs = importlib.import_module("unlearn_ext.models").lm_head_inputs
+    except (ImportError, AttributeError):
+        return None
+    return (unlearn_ext, lm_head_inputs) if hasattr(unlearn_ext, "fused_linear_cross_entropy") else None
 
 
 class FusedLinearHead(LogitsHead):
     """Hidden states + LM-head weight into ``unlearn_ext.fused_linear_<op>``: no [N, V] logits.
 
-    Written against the documented fused-linear API (DESIGN.md): ``fused_linear_<op>(hidden,
-    weight, labels, *, bias=None, softcap=None, teacher_hidden=None, teacher_weight=None, …)``
-    and ``causal_lm_hidden_and_head(model, input_ids, attention_mask)`` returning (last hidden
-    state, head weight, head bias, final-logit softcap).
+    ``run`` takes the model's LM-head inputs with ``unlearn_ext.models.lm_head_inputs``
+    (hidden states [B, T, H], weight, bias, softcap); the hidden states stay unshifted
+    and the labels are shifted with ``shift_labels`` (last position ignored), so nothing
+    the size of the hidden states is copied. Teachers go to the losses as ``LMHeadInputs``.
+
+    Single process only for now: ``lm_head_inputs`` runs the unwrapped base model, which
+    would bypass DDP's gradient synchronisation (and FSDP's unsharding of the head), so the
+    trainer refuses this head in multi-process runs. Wiring it: run ``lm_head_inputs``
+    inside the wrapped module's forward (a small module around the student whose forward
+    returns the ``LMHeadInputs``, wrapped by accelerate instead of the bare model).
     """
 
     name = "fused"
 
     def __init__(self, backend: str | None = None):
         super().__init__(backend)
-        self.api = _fused_api()
-        if self.api is None:
+        api = _fused_api()
+        if api is None:
             raise RuntimeError("the fused-linear losses are not installed in this build of unlearn_ext; "
                                "use the logits path (fused: false / --no-fused)")
+        self.ue, self.lm_head_inputs = api
 
     def run(self, model, part: dict, *, hidden: bool = True) -> Outputs:
-        h, weight, bias, softcap = self.api.causal_lm_hidden_and_head(model, part["input_ids"],
-                                                                      part["attention_mask"])
-        return Outputs(labels=part["labels"][:, 1:], hidden=h[:, :-1], weight=weight, bias=bias, softcap=softcap)
+        head = self.lm_head_inputs(model, part["input_ids"], part["attention_mask"])
+        return Outputs(labels=self.ue.shift_labels(part["labels"]), hidden=head.hidden, weight=head.weight,
+                       bias=head.bias, softcap=head.softcap)
 
-    def _call(self, op: str, out: Outputs, *teachers: Outputs, **kwargs):
-        teacher_args = {}
-        for prefix, t in zip(("teacher", "teacher2"), teachers):
-            teacher_args.update({f"{prefix}_hidden": t.hidden, f"{prefix}_weight": t.weight,
-                                 f"{prefix}_bias": t.bias})
-        fn = getattr(self.api, f"fused_linear_{op}")
-        return fn(out.hidden, out.weight, out.labels, bias=out.bias, softcap=out.softcap, backend=self.backend,
-                  **teacher_args, **kwargs)
+    def _head(self, out: Outputs):
+        return self.ue.LMHeadInputs(out.hidden, out.weight, out.bias, out.softcap)
+
+    def _kw(self, out: Outputs) -> dict:
+        return {"bias": out.bias, "softcap": out.softcap, "backend": self.backend}
 
     def cross_entropy(self, out):
-        return self._call("cross_entropy", out)
+        return self.ue.fused_linear_cross_entropy(out.hidden, out.weight, out.labels, **self._kw(out))
 
     def forward_kl(self, out, teacher):
-        return self._call("forward_kl", out, teacher)
+        return self.ue.fused_linear_forward_kl(out.hidden, out.weight, self._head(teacher), out.labels,
+                                               **self._kw(out))
 
     def reverse_kl(self, out, teacher):
-        return self._call("reverse_kl", out, teacher)
+        return self.ue.fused_linear_reverse_kl(out.hidden, out.weight, self._head(teacher), out.labels,
+                                               **self._kw(out))
 
     def rkld(self, out, original, augmented, *, alpha):
-        return self._call("rkld", out, original, augmented, alpha=alpha)
+        return self.ue.fused_linear_rkld(out.hidden, out.weight, self._head(original), self._head(augmented),
+                                         out.labels, alpha=alpha, **self._kw(out))
 
     def undial(self, out, teacher, *, gamma):
-        return self._call("undial", out, teacher, gamma=gamma)
+        return self.ue.fused_linear_undial(out.hidden, out.weight, self._head(teacher), out.labels, gamma=gamma,
+                                           **self._kw(out))
 
     def sequence_logprob(self, out):
-        return self._call("sequence_logprob", out)
+        return self.ue.fused_linear_sequence_logprob(out.hidden, out.weight, out.labels, **self._kw(out))
 
     def ga_loss(self, out):
-        return self._call("ga_loss", out)
+        return self.ue.fused_linear_ga(out.hidden, out.weight, out.labels, **self._kw(out))
 
     def retain_loss(self, out, reference=None):
-        return self._call("retain_loss", out) if reference is None else self._call("retain_loss", out, reference)
+        ref = None if reference is None else self._head(reference)
+        return self.ue.fused_linear_retain(out.hidden, out.weight, out.labels, ref, **self._kw(out))
 
     def npo_loss(self, out, ref_logprob, *, beta):
-        return self._call("npo_loss", out, ref_logprob=ref_logprob, beta=beta)
+        return self.ue.fused_linear_npo(out.hidden, out.weight, out.labels, ref_logprob, beta=beta, **self._kw(out))
 
     def simnpo_loss(self, out, *, beta, delta):
-        return self._call("simnpo_loss", out, beta=beta, delta=delta)
+        return self.ue.fused_linear_simnpo(out.hidden, out.weight, out.labels, beta=beta, delta=delta,
+                                           **self._kw(out))
 
 
 def fused_available() -> bool:
@@ -170,8 +188,8 @@ def fused_available() -> bool:
 
 
 def make_head(fused: bool | None = None, backend: str | None = None) -> LogitsHead:
-    """``fused=None``: the fused-linear path where installed, else logits; True forces it
-    (an error if missing); False: logits."""
+    """``fused=None``: the fused-linear path where installed (single-process runs, see
+    FusedLinearHead's note), else logits; True forces it (an error if missing); False: logits."""
     if fused is None:
-        fused = fused_available()
+        fused = fused_available() and int(os.environ.get("WORLD_SIZE", "1")) == 1
     return FusedLinearHead(backend) if fused else LogitsHead(backend)
