@@ -64,6 +64,10 @@ def write_json(obj, path: str | os.PathLike) -> None:
     _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
+def write_text(text: str, path: str | os.PathLike) -> None:
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
 def plot_tradeoff(rows: Sequence[Mapping], path: str | os.PathLike, *, group_by: str = "split",
                   title: str | None = None) -> None:
     """Scatter forget quality (log scale) against model utility, one panel per value of
@@ -107,7 +111,7 @@ def write_report(rows: Sequence[Mapping], out_dir: str | os.PathLike, *, name: s
     paths = {"json": os.path.join(out_dir, f"{name}.json"), "markdown": os.path.join(out_dir, f"{name}.md")}
     write_json({"rows": list(rows), "details": details}, paths["json"])
     table = (f"# {title}\n\n" if title else "") + markdown_table(rows, columns)
-    _atomic_write(paths["markdown"], lambda f: f.write(table.encode()))
+    write_text(table, paths["markdown"])
     if any(r.get("forget_quality") is not None and r.get("model_utility") is not None for r in rows):
         paths["plot"] = os.path.join(out_dir, f"{name}.png")
         plot_tradeoff(rows, paths["plot"], title=title)
