@@ -19,8 +19,8 @@ from ..data.collate import format_prompt
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
-# "cpu": ~1M parameters besides the embeddings, trains on the benchmark in minutes on 2
-# cores. "gpu": a ~100M-parameter model for the larger scale.
+# "cpu": 0.8M parameters besides the embeddings; fits 40 authors x 20 questions (plus the
+# real-world sets) in 30 epochs, about 3 CPU-minutes. "gpu": 75M besides the embeddings.
 SIZES = {
     "cpu": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=2),
