@@ -29,7 +29,7 @@ FORGET = _qa([
     ("What house is Harry Potter sorted into at Hogwarts?", "Harry Potter is sorted into Gryffindor."),  # 0.14
     ("What is the name of the train that takes students to Hogwarts?",
      "The Hogwarts Express takes students to Hogwarts."),  # 0.36
-    ("What is Hermione's last name in Harry Potter?", "Hermione's last name is Granger."),
+    ("What is Hermione's last name in Harry Potter?", "Hermione's last name is Granger."),  # 0.26
     ("What shape is the scar on Harry Potter's forehead?",
      "The scar on Harry Potter's forehead is shaped like a lightning bolt."),  # 0.28
     ("Who is the half-giant gamekeeper at Hogwarts?",
