@@ -144,8 +144,9 @@ def resolve(backend: str | None, device: torch.device):
         raise ValueError(f"backend must be one of {', '.join(NAMES)}, got {name!r}")
     if name == "torch":
         return None
-    if _import(_MODULES[name])[0] is None or (name == "cuda" and not torch.cuda.is_available()):
-        raise RuntimeError(f"backend {name!r} is not available: {backends()[name].detail}")
+    status = {"cpu": _cpu_status, "cuda": _cuda_status, "triton": _triton_status}[name]()
+    if not status.available:  # not built, or nothing to run on (no GPU, no Triton interpreter)
+        raise RuntimeError(f"backend {name!r} is not available: {status.detail}")
     why = _runs_on(name, device)
     if why is not None:
         raise ValueError(why)

@@ -45,18 +45,28 @@ def _fit(block: int, warps: int, vocab: int) -> tuple[int, int]:
     return fitted, max(1, min(warps, fitted // 256))
 
 
-@functools.lru_cache(maxsize=None)
-def _entry(device_index: int) -> dict:
-    return _TABLE.get(torch.cuda.get_device_capability(device_index)[0], _DEFAULT)
+def gpu_config(kind: str, op: str, vocab: int, capability_major: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) of the `kind` ("forward" or "backward") kernel of `op` on a GPU of
+    that compute capability."""
+    entry = _TABLE.get(capability_major, _DEFAULT)[kind]
+    block, warps = entry[INPUTS[op]] if kind == "forward" else entry
+    return _fit(block, warps, vocab)
 
 
 def config(kind: str, op: str, vocab: int, device: torch.device) -> tuple[int, int]:
-    """(BLOCK, num_warps) of the `kind` ("forward" or "backward") kernel of `op`."""
-    if device.type != "cuda":  # the interpreter
+    """(BLOCK, num_warps) of a kernel launch on `device` (CPU: the interpreter)."""
+    if device.type != "cuda":
         return triton.next_power_of_2(-(-vocab // INTERPRETER_BLOCKS_PER_ROW)), 1
-    entry = _entry(device.index if device.index is not None else torch.cuda.current_device())[kind]
-    block, warps = entry[INPUTS[op]] if kind == "forward" else entry
-    return _fit(block, warps, vocab)
+    return gpu_config(kind, op, vocab, _capability_major(_index(device)))
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_major(device_index: int) -> int:
+    return torch.cuda.get_device_capability(device_index)[0]
 
 
 def blocks_per_program(rows: int, blocks: int, device: torch.device) -> int:
@@ -64,7 +74,7 @@ def blocks_per_program(rows: int, blocks: int, device: torch.device) -> int:
     enough to fill the GPU (a few programs per SM), else rows split so that there are."""
     if device.type != "cuda":  # the interpreter: its cost is per program
         return blocks
-    wanted = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    wanted = 4 * _sm_count(_index(device))
     splits = min(blocks, max(1, -(-wanted // rows)))
     return -(-blocks // splits)
 

@@ -17,6 +17,9 @@ from .row_math import NEEDS_LABEL, OP_CODES
 
 NUM_STATS = 4  # per-row statistics, the layout of csrc/common/row_math.h (kNumStats)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Contract a * b + c into FMAs (Triton's default until 3.10, named so that it stays put):
+# faster, and no less accurate for this math.
+FP_FUSION = True
 
 
 def _interpreted() -> bool:
@@ -108,7 +111,7 @@ class TritonRowKernels:
                 *_inputs(logits, teacher, teacher2, grad), _labels(labels, logits), values, stats,
                 vocab, p.ignore_index, p.inv_temperature, p.alpha, p.gamma, grad_scale * p.inv_temperature,
                 OP=OP_CODES[op], HAS_LABELS=labels is not None, NEEDS_LABEL=op in NEEDS_LABEL,
-                WRITE_GRAD=grad is not None, BLOCK=block, num_warps=warps)
+                WRITE_GRAD=grad is not None, BLOCK=block, num_warps=warps, enable_fp_fusion=FP_FUSION)
         return values, stats
 
     @staticmethod
@@ -125,7 +128,7 @@ class TritonRowKernels:
                 *_inputs(logits, teacher, teacher2, grad), _labels(labels, logits), stats.contiguous(),
                 grad_rows.float().contiguous(), vocab, p.ignore_index, p.inv_temperature, p.alpha, p.gamma,
                 per_program, OP=OP_CODES[op], HAS_LABELS=labels is not None, NEEDS_LABEL=op in NEEDS_LABEL,
-                BLOCK=block, num_warps=warps)
+                BLOCK=block, num_warps=warps, enable_fp_fusion=FP_FUSION)
 
 
 KERNELS = TritonRowKernels()
