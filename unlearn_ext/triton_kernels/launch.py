@@ -83,12 +83,19 @@ def _labels(labels, logits):
 
 
 class TritonRowKernels:
-    """Row kernels in Triton: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
+    """Row kernels in Triton: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
+
+    `config(kind, op, vocab, device) -> (BLOCK, num_warps)` picks the launch shapes
+    (default: the per-device table of configs.py; benchmarks/bench_triton_configs.py
+    passes its own to sweep them)."""
 
     name = "triton"
     # Writes the gradient during the forward for sum/mean: the second walk over a row, in
     # reverse, reads from L2 what the first left there, instead of a backward from memory.
     fuses_grad = True
+
+    def __init__(self, config=config):
+        self.config = config
 
     def forward(self, op, logits, teacher, teacher2, labels, p):
         return self._forward(op, logits, teacher, teacher2, labels, p, None, 1.0)
@@ -96,8 +103,7 @@ class TritonRowKernels:
     def forward_with_grad(self, op, logits, teacher, teacher2, labels, p, grad, grad_scale):
         return self._forward(op, logits, teacher, teacher2, labels, p, grad, grad_scale)
 
-    @staticmethod
-    def _forward(op, logits, teacher, teacher2, labels, p, grad, grad_scale):
+    def _forward(self, op, logits, teacher, teacher2, labels, p, grad, grad_scale):
         _check(op, logits, teacher, teacher2, labels)
         vocab = logits.shape[-1]
         rows = logits.numel() // vocab
@@ -105,7 +111,7 @@ class TritonRowKernels:
         stats = _new_output((rows, NUM_STATS), logits.device)
         if rows == 0:
             return values, stats
-        block, warps = config("forward", op, vocab, logits.device)
+        block, warps = self.config("forward", op, vocab, logits.device)
         with _on_device(logits):
             row_forward_kernel[(rows,)](
                 *_inputs(logits, teacher, teacher2, grad), _labels(labels, logits), values, stats,
@@ -114,14 +120,13 @@ class TritonRowKernels:
                 WRITE_GRAD=grad is not None, BLOCK=block, num_warps=warps, enable_fp_fusion=FP_FUSION)
         return values, stats
 
-    @staticmethod
-    def backward(op, logits, teacher, teacher2, labels, stats, grad_rows, p, grad):
+    def backward(self, op, logits, teacher, teacher2, labels, stats, grad_rows, p, grad):
         _check(op, logits, teacher, teacher2, labels)
         vocab = logits.shape[-1]
         rows = logits.numel() // vocab
         if rows == 0:
             return
-        block, warps = config("backward", op, vocab, logits.device)
+        block, warps = self.config("backward", op, vocab, logits.device)
         per_program = blocks_per_program(rows, -(-vocab // block), logits.device)
         with _on_device(logits):
             row_backward_kernel[(rows, -(-vocab // (block * per_program)))](
