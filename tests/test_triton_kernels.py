@@ -46,8 +46,9 @@ SPECS = {suite.spec.name: suite.spec for suite in (  # modules, not classes: pyt
     test_token_logprob.TestTokenLogprob, test_cross_entropy.TestCrossEntropy, test_forward_kl.TestForwardKL,
     test_reverse_kl.TestReverseKL, test_rkld.TestRKLD, test_undial.TestUnDIAL)}
 TRITON = [pytest.param(p, id=f"{p[0]}-{p[1]}") for p in KERNEL_BACKEND_DEVICES if p[0] == "triton"] or [
-    pytest.param(None, marks=pytest.mark.skip(reason="the triton backend cannot run here: "
-                                              + ue.backends()["triton"].detail))]
+    pytest.param(None, marks=pytest.mark.skip(reason="the triton backend cannot run in this process ("
+                                              + ue.backends()["triton"].detail + "); `make test` runs these "
+                                              "in its second, TRITON_INTERPRET=1 pass"))]
 
 
 # ---- compiled for an H100, without a GPU ------------------------------------------------------
