@@ -2,10 +2,12 @@
 
 Forward: one program per row walks the vocabulary in blocks of BLOCK columns (never the
 whole row: a whole-row block spills registers past ~16k columns), keeping the row's
-running maxima as scalars and its sums as per-lane vectors (row_math.online_update). It
-writes the row's loss and four float32 statistics; with WRITE_GRAD it then walks the row
-again, in reverse so that the blocks it read last are still in L2, and writes the
-gradient (the fused path of sum/mean reductions). Backward: program (r, j) writes blocks
+running maxima as scalars and its sums as per-lane vectors (row_math.online_update);
+reverse KL and RKLD walk it a second time for their weighted sum (row_math.
+reverse_kl_block). It writes the row's loss and four float32 statistics; with WRITE_GRAD
+it then walks the row again and writes the gradient (the fused path of sum/mean
+reductions). Every later walk goes in reverse, so that the blocks read last are still in
+L2. Backward: program (r, j) writes blocks
 [j * BLOCKS_PER_PROGRAM, (j + 1) * BLOCKS_PER_PROGRAM) of row r's gradient from the saved
 statistics, so that a few long rows still fill the GPU.
 
@@ -17,7 +19,8 @@ logits[:, :-1] is read in place and N * V may exceed 2^31. An ignored row reads 
 import triton
 import triton.language as tl
 
-from .row_math import FORWARD_KL, NEG_INF, finalize, grad_at_label, grad_block, load_block, online_update
+from .row_math import (FORWARD_KL, NEG_INF, REVERSE_KL, RKLD, finalize, grad_at_label, grad_block, load_block,
+                       online_update, reverse_kl_block)
 
 
 @triton.jit
@@ -92,6 +95,12 @@ def row_forward_kernel(
         cols = b0 + lanes
         s, t = load_block(s_row, t_row, t2_row, cols, cols < V, y, inv_t, alpha, gamma, OP)
         ms, mt, ms0, mt0, ss, st, acc = online_update(s, t, cols, y, ms, mt, ms0, mt0, ss, st, acc, OP)
+    if OP == REVERSE_KL or OP == RKLD:  # the second pass, in reverse: its blocks are still in L2
+        num_blocks = tl.cdiv(limit, BLOCK)
+        for i in range(0, num_blocks):
+            cols = (num_blocks - 1 - i) * BLOCK + lanes
+            s, t = load_block(s_row, t_row, t2_row, cols, cols < V, y, inv_t, alpha, gamma, OP)
+            acc += reverse_kl_block(s, t, ms0, mt0)
 
     if OP < FORWARD_KL:  # the label's logit, left out of ss
         s_label = tl.load(s_row + tl.where((y >= 0) & (y < V), y, 0)).to(tl.float32) * inv_t

@@ -44,7 +44,7 @@ def log1p(x):
 @triton.jit
 def expm1(x):
     """exp(x) - 1 to a few ulp, in plain arithmetic (see log1p): the Taylor series below
-    |x| = 1/2 (the next term is below 3e-10 relative), exp(x) - 1 above, where it cannot
+    |x| = 1/2 (the next term is below 6e-10 relative), exp(x) - 1 above, where it cannot
     cancel more than a bit."""
     series = x * (1.0 + x / 2 * (1.0 + x / 3 * (1.0 + x / 4 * (1.0 + x / 5 * (1.0 + x / 6 * (
         1.0 + x / 7 * (1.0 + x / 8 * (1.0 + x / 9))))))))
@@ -85,8 +85,8 @@ def online_update(s, t, cols, y, ms, mt, ms0, mt0, ss, st, acc, OP: tl.constexpr
       acc     the op's weighted sum, of logits shifted by their maxima so that two nearly
               equal distributions are not lost to cancellation:
                 forward KL  sum exp(t - mt) ((t - mt) - (s - ms))
-                reverse KL  sum exp(s - ms) ((s - ms) - (t - mt))
                 UnDIAL      sum exp(t - mt) (s - ms)
+              (reverse KL's is taken by a second pass, reverse_kl_block: see there)
     A zero weight contributes exactly 0 even where the other factor is infinite (masked
     logits: 0 * log 0 = 0). When a maximum grows, the sums are rescaled and acc's shifts
     moved: sum w (x - old) = sum w (x - new) + (new - old) sum w.
@@ -115,11 +115,21 @@ def online_update(s, t, cols, y, ms, mt, ms0, mt0, ss, st, acc, OP: tl.constexpr
             acc = acc * ft + (dt - ds) * st + tl.where(et == 0.0, 0.0, et * ((t - mt0_new) - (s - ms0_new)))
         elif OP == UNDIAL:
             acc = acc * ft + ds * st + tl.where(et == 0.0, 0.0, et * (s - ms0_new))
-        else:  # REVERSE_KL, RKLD
-            acc = acc * fs + (ds - dt) * ss + tl.where(es == 0.0, 0.0, es * ((s - ms0_new) - (t - mt0_new)))
         ss += es
         st += et
     return ms_new, mt_new, ms0_new, mt0_new, ss, st, acc
+
+
+@triton.jit
+def reverse_kl_block(s, t, ms0, mt0):
+    """One block's share of reverse KL's sum exp(s - ms) ((s - ms) - (t - mt)), at the row's
+    final (safe) maxima. It takes a second pass over the row because the gradient,
+    p ((s - ms) - (t - mt) - KL), cancels the same difference against its mean: computed
+    by the same float operations as in grad_block, the two cancel as they do in PyTorch
+    (a one-hot p gets an exact 0), whereas moving the sum's shift each time a maximum
+    grows leaves a rounding of the size of the logits (1e-2 at logits of 1e4)."""
+    es = tl.exp(s - ms0)
+    return tl.where(es == 0.0, 0.0, es * ((s - ms0) - (t - mt0)))
 
 
 @triton.jit
