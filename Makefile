@@ -24,7 +24,7 @@ $(VENV)/.installed: $(PY) $(SOURCES)
 install: $(VENV)/.installed
 
 # The second run executes the Triton kernels in Triton's CPU interpreter (only the tests
-# parametrised on backend triton-cpu; about 2 minutes on 2 cores).
+# parametrised on backend triton-cpu; 2-3 minutes of CPU on 2 cores).
 test: install
 	$(PY) -m pytest -q
 	if $(PY) -c "import triton" 2>/dev/null; then TRITON_INTERPRET=1 $(PY) -m pytest -q -k triton-cpu; \

@@ -43,12 +43,13 @@ def _row_label(LABELS, r, V, ignore_index, HAS_LABELS: tl.constexpr):
 
 
 @triton.jit
-def _upstream(g, y, V, NEEDS_LABEL: tl.constexpr):
-    """The upstream gradient of a row; NaN for an op that needs a label and meets one outside
-    [0, V) (the Python layer refuses those: a kernel never reads out of bounds)."""
+def _nan_without_label(x, y, V, NEEDS_LABEL: tl.constexpr):
+    """x, or NaN for an op that needs a label and meets one outside [0, V): such a row's
+    loss and gradient are NaN (the Python layer refuses those labels; a kernel that meets
+    one never reads out of bounds)."""
     if NEEDS_LABEL:
-        g = tl.where((y >= 0) & (y < V), g, float("nan"))
-    return g
+        x = tl.where((y >= 0) & (y < V), x, float("nan"))
+    return x
 
 
 @triton.jit
@@ -107,8 +108,7 @@ def row_forward_kernel(
     else:
         s_label = 0.0
     value, stat1, stat2, stat3 = finalize(ms0, mt0, tl.sum(ss, 0), tl.sum(st, 0), tl.sum(acc, 0), s_label, OP)
-    if NEEDS_LABEL:
-        value = tl.where((y >= 0) & (y < V), value, float("nan"))
+    value = _nan_without_label(value, y, V, NEEDS_LABEL)
     keep = limit > 0
     tl.store(VALUES + r, tl.where(keep, value, 0.0))
     tl.store(STATS + r * 4, tl.where(keep, ms0, 0.0))
@@ -117,7 +117,7 @@ def row_forward_kernel(
     tl.store(STATS + r * 4 + 3, tl.where(keep, stat3, 0.0))
     if WRITE_GRAD:
         _write_grad(s_row, t_row, t2_row, _row_start(G, r, g_rows, g_inner, g_outer), 0, tl.cdiv(V, BLOCK), V,
-                    limit, y, inv_t, alpha, gamma, ms0, stat1, stat2, stat3, _upstream(grad_scale, y, V, NEEDS_LABEL),
+                    limit, y, inv_t, alpha, gamma, ms0, stat1, stat2, stat3, _nan_without_label(grad_scale, y, V, NEEDS_LABEL),
                     True, OP, BLOCK)
 
 
@@ -135,7 +135,7 @@ def row_backward_kernel(
     first = tl.program_id(1) * blocks_per_program
     end = tl.minimum(first + blocks_per_program, tl.cdiv(V, BLOCK))
     y, limit = _row_label(LABELS, r, V, ignore_index, HAS_LABELS)
-    g = _upstream(tl.load(GRAD_ROWS + r) * inv_t, y, V, NEEDS_LABEL)
+    g = _nan_without_label(tl.load(GRAD_ROWS + r) * inv_t, y, V, NEEDS_LABEL)
     _write_grad(_row_start(S, r, s_rows, s_inner, s_outer), _row_start(T, r, t_rows, t_inner, t_outer),
                 _row_start(T2, r, t2_rows, t2_inner, t2_outer), _row_start(G, r, g_rows, g_inner, g_outer),
                 first, end, V, limit, y, inv_t, alpha, gamma, tl.load(STATS + r * 4), tl.load(STATS + r * 4 + 1),
