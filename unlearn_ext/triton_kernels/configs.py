@@ -11,7 +11,7 @@ checks for spills): a block is BLOCK / (32 * num_warps) = 8-16 elements per thre
 a whole row. On sm_90 the token-op forward at (4096, 8) takes 53 registers per thread, so
 four programs fit an SM (32 KB of bf16 loads in flight per SM, more than the ~20 KB that
 H100's bandwidth-latency product asks for); the teacher ops hold three accumulators and
-two or three loaded blocks, 120-128 registers at (4096, 8) but 64-80 at (4096, 16): the
+two or three loaded blocks, 120-128 registers at (4096, 8) but 64-88 at (4096, 16): the
 same bytes in flight with twice the warps to hide latency. The backward is a stream (40-80
 registers at (4096, 8)). Other GPUs have the same 64K registers per SM and less bandwidth
 to hide: they take the same shapes with half the bytes in flight for the teacher ops.
