@@ -36,7 +36,7 @@ class TorchOpKernels:
 
     def __init__(self, name: str, fuses_grad: bool):
         self.name = name
-        # May write the gradient during the forward (sum/mean reductions): on the CPU the
+        # Can write the gradient during the forward (sum/mean reductions): on the CPU the
         # second walk over a row hits L2, cheaper than a backward pass from memory.
         self.fuses_grad = fuses_grad
 
@@ -130,12 +130,10 @@ def backends() -> dict[str, BackendStatus]:
 
 
 _LOADED = _load_extensions()
-# The CUDA kernels fuse too: for sum/mean the forward writes the gradient (pass 2 re-reads
-# the row from registers or L2), so an op moves its floor of bytes (inputs read once,
-# gradient written once) instead of reading its inputs twice. The price is an extra pass
-# when the upstream gradient is not 1 (loss weights, accumulation: the multiplication in
-# RowLossFunction.backward): a single-input op then makes 4 passes over [N, V] instead of
-# 3; ops with a teacher break even (5 and 5), RKLD still gains (6 instead of 7).
+# Every kernel backend can write the gradient during the forward (sum/mean). The autograd
+# Function takes that path on CPU tensors only (see RowLossFunction.forward): on a GPU it
+# would need host synchronisations (the mean's divisor, and whether the upstream gradient is
+# 1 so that the backward can skip its scaling pass), which DESIGN.md rules out.
 _KERNELS = {"cpu": TorchOpKernels("cpu", fuses_grad=True), "cuda": TorchOpKernels("cuda", fuses_grad=True)}
 if _LOADED["triton"][0] is not None:
     _KERNELS["triton"] = _LOADED["triton"][0].KERNELS
