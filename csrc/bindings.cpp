@@ -84,6 +84,7 @@ void row_loss_backward_cpu(const std::string& op, const at::Tensor& logits,
   check_cpu(logits);
   RowCall call = make_row_call(op, logits, teacher, teacher2, labels, ignore_index, inv_temperature, alpha, gamma);
   RowArgs& a = call.args;
+  check_label_range(a);
   const auto cdt = compute_dtype(logits);
   TORCH_CHECK_VALUE(stats.scalar_type() == cdt && stats.is_contiguous() && stats.dim() == 2 && stats.size(0) == a.rows && stats.size(1) == kNumStats, "unlearn_ext: stats must be the contiguous [rows, ", kNumStats, "] tensor returned by the forward");
   TORCH_CHECK_VALUE(grad_rows.scalar_type() == cdt && grad_rows.is_contiguous() && grad_rows.numel() == a.rows, "unlearn_ext: grad_rows must be a contiguous ", cdt, " tensor with one entry per row");
