@@ -19,6 +19,7 @@ import unlearn_ext as ue
 from unlearn_ext import reference
 
 from conftest import BACKEND_DEVICES, KERNEL_BACKEND_DEVICES, backend_params
+from reliability_tally import tally
 
 IGNORE = -100
 EPS = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float64: 2.0**-52}
@@ -361,6 +362,7 @@ class RowOpSuite:
             cases += [(ValueError, name, swapped(teachers[k][:, :5])), (TypeError, name, swapped(teachers[k].long())),
                       (ValueError, name, swapped(teachers[k].to("meta")))]
         for exc, word, call in cases:
+            tally("bad inputs")
             with pytest.raises(exc, match=word):
                 call()
 
