@@ -34,7 +34,7 @@ from unlearn_ext import reference
 
 from conftest import BACKEND_DEVICES
 from reliability_tally import tally
-from row_op_suite import (EPS, IGNORE, TINY, OpSpec, assert_elementwise, check_outputs, is_interpreted,
+from row_op_suite import (EPS, IGNORE, TINY, OpSpec, assert_elementwise, check_outputs, input_span, is_interpreted,
                           log_ratio_weight, make_inputs, run)
 
 _LONG_RUN = int(os.environ.get("UNLEARN_EXT_FUZZ_EXAMPLES", "0"))
@@ -107,12 +107,6 @@ def draw_temperature(data):
     return data.draw(st.sampled_from([1.0, 0.5, 2.0]) | st.floats(0.2, 5.0), label="temperature")
 
 
-def magnitude(tensors, temperature):
-    """max(1, max |x| / τ) over the finite inputs: float32 rounding of a value scales with it."""
-    finite = [x[torch.isfinite(x)].abs().max().item() for x in tensors if torch.isfinite(x).any()]
-    return max([1.0, *finite]) / temperature if finite else 1.0 / min(1.0, temperature)
-
-
 def check_float64(spec, backend, logits, teachers, labels, reduction, upstream, temperature, size):
     """float64 inputs are computed in float64: within a few thousand float64 ulps of the
     reference (sums over V round too), a million times closer than float32 arithmetic gets."""
@@ -146,7 +140,7 @@ def test_row_op_matches_reference(op, backend, data):
     reduction = data.draw(st.sampled_from(["none", "sum", "mean"]), label="reduction")
     temperature = draw_temperature(data)
     upstream = torch.randn(shape[:-1], dtype=torch.float64, device=backend[1])
-    size = magnitude([logits, *teachers], temperature)
+    size = max(1.0, input_span(spec, logits, teachers)) / temperature  # float32 rounding scales with it
     if logits.dtype == torch.float64:
         out, grad = check_float64(spec, backend, logits, teachers, labels, reduction, upstream, temperature, size)
     else:
