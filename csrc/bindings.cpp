@@ -1,6 +1,6 @@
 // Registers the row ops as torch operators (torch.ops.unlearn_ext.*) and their CPU kernels.
 // The CUDA extension (csrc/cuda) registers CUDA kernels for the same schemas; fake (meta)
-// implementations live in Python (unlearn_ext/ops/_library.py) so torch.compile can trace.
+// implementations live in Python (unlearn_ext/_fake_ops.py) so torch.compile can trace.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <torch/library.h>

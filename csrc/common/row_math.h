@@ -210,7 +210,9 @@ UE_HD T grad_elem(T s, T t, const T* stats, T g, Exp exp_fn) {
     (void)t;
     return g * p;
   } else if constexpr (op == Op::kReverseKL || op == Op::kRKLD) {
-    return p == T(0) ? T(0) : g * p * (((s - stats[0]) - (t - stats[2])) - stats[3]);
+    // Both sides computed before the select: a load under a condition stops vectorisation.
+    const T d = ((s - stats[0]) - (t - stats[2])) - stats[3];
+    return p == T(0) ? T(0) : g * p * d;
   } else {
     return g * (p - exp_fn((t - stats[2]) - stats[3]));
   }

@@ -27,6 +27,10 @@ namespace {
 
 constexpr int64_t kBlock = 1024;
 
+// The loops below must be vectorised inside each caller: an out-of-line copy shared by
+// several ops (identical-code folding) lost its vectorised exp-sum loop.
+#define UE_INLINE inline __attribute__((always_inline))
+
 inline float bits_to_float(uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof f);
@@ -41,7 +45,7 @@ inline uint32_t float_to_bits(float f) {
 // exp(x) in float, vectorisable (no calls, no branches): Cephes' expf polynomial on
 // x - n ln2 with n = round(x / ln2), about 1 ulp. Below -87.3 the result is 0 (exact for
 // masked logits); a NaN stays NaN (the clamps are written so that NaN fails them).
-inline float exp_fast(float x) {
+UE_INLINE float exp_fast(float x) {
   const float hi = 88.3762626647949f, lo = -87.3365478515625f;
   float xc = x > hi ? hi : x;
   xc = xc < lo ? lo : xc;
@@ -203,7 +207,7 @@ void load_block(const RowArgs& a, int64_t r, int64_t y, int64_t b0, int64_t n, S
 }
 
 template <typename T>
-T block_max(const T* x, int64_t n) {
+UE_INLINE T block_max(const T* x, int64_t n) {
   T m = neg_inf<T>();
 #pragma omp simd reduction(max : m)
   for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
@@ -213,7 +217,7 @@ T block_max(const T* x, int64_t n) {
 // The state of one loaded block, by two vectorised loops (maxima, then sums). For the token
 // ops the label's entry (label_pos, or -1) counts in the maximum but not in the sum.
 template <Op op, typename T>
-RowState<T> block_state(Scratch<T>& w, int64_t n, int64_t label_pos) {
+UE_INLINE RowState<T> block_state(Scratch<T>& w, int64_t n, int64_t label_pos) {
   RowState<T> b = empty_state<T>();
   b.ms = block_max(w.s, n);
   if (label_pos >= 0) w.s[label_pos] = neg_inf<T>();
@@ -242,7 +246,11 @@ RowState<T> block_state(Scratch<T>& w, int64_t n, int64_t label_pos) {
 
 // Writes the gradient of row r, g times d(loss)/d(scaled logits) (g includes 1/temperature).
 template <Op op, typename T>
-void grad_row(const RowArgs& a, int64_t r, int64_t y, T g, const T* stats, Scratch<T>& w) {
+void grad_row(const RowArgs& a, int64_t r, int64_t y, T g, const T* row_stats, Scratch<T>& w) {
+  // A local copy: the compiler cannot prove that stores to w.out leave row_stats alone, and
+  // reloading them inside the loop stops it from vectorising.
+  T stats[kNumStats];
+  for (int k = 0; k < kNumStats; ++k) stats[k] = row_stats[k];
   const int64_t out_offset = row_offset(a.grad, r);
   for (int64_t b0 = 0; b0 < a.vocab; b0 += kBlock) {
     const int64_t n = a.vocab - b0 < kBlock ? a.vocab - b0 : kBlock;
