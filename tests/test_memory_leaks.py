@@ -8,6 +8,7 @@ lets go of its logits (no reference cycle through the autograd context keeps the
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import weakref
@@ -48,6 +49,26 @@ def make_call(op, backend, device, n=N, v=V):
         return weakref.ref(x)
 
     return call
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+DEFAULT_MMAP_THRESHOLD_MAX = 32 * 2**20  # where glibc's dynamic threshold stops (64-bit)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def freed_buffers_leave_the_resident_set():
+    """Serve every [N, V]-sized buffer by its own mmap, returned to the system on free.
+
+    glibc raises its mmap threshold each time a large mmapped block is freed, so after the
+    earlier tests a 1 MiB buffer comes from heap pages freed long ago: the resident set then
+    neither grows with a leak nor shrinks on free, and the measure is blind. A fixed
+    threshold (which also turns off the dynamic raise) makes the resident set follow the
+    buffers that are alive.
+    """
+    mallopt = ctypes.CDLL("libc.so.6").mallopt
+    assert mallopt(M_MMAP_THRESHOLD, 128 * 1024) == 1, "mallopt(M_MMAP_THRESHOLD) refused"
+    yield
+    mallopt(M_MMAP_THRESHOLD, DEFAULT_MMAP_THRESHOLD_MAX)
 
 
 def rss_bytes():
