@@ -27,6 +27,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
@@ -94,10 +95,10 @@ def save_checkpoint(root: str | os.PathLike, step: int, model, optimizer, schedu
         try:
             tmp.mkdir()
             _write(tmp, step, weights, osd, scheduler, extra)
-        except OSError as e:
+        except (OSError, SafetensorError) as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise OSError(e.errno, f"could not write checkpoint {final} ({e.strerror or e}); "
-                                   f"the previous checkpoints in {root} are intact") from e
+            raise _write_error(e, f"could not write checkpoint {final} ({e}); "
+                                  f"the previous checkpoints in {root} are intact") from e
         if final.exists():
             _remove(final)
         os.replace(tmp, final)
@@ -119,6 +120,15 @@ def _write(directory: Path, step: int, weights: dict, osd: dict, scheduler, extr
     for f in directory.iterdir():  # on disk before the rename makes the checkpoint visible
         with open(f, "rb") as handle:
             os.fsync(handle.fileno())
+
+
+def _write_error(error: Exception, message: str) -> OSError:
+    """An ``OSError`` with the failed write's errno: safetensors reports its I/O errors as
+    ``SafetensorError("... No space left on device (os error 28)")``."""
+    code = getattr(error, "errno", None)
+    if code is None and (found := re.search(r"\(os error (\d+)\)", str(error))):
+        code = int(found.group(1))
+    return OSError(code, message) if code is not None else OSError(message)
 
 
 def _remove(checkpoint_dir: Path) -> None:

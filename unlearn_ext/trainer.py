@@ -189,7 +189,7 @@ class _FiniteWatch:
         first = acc.gather(self.first.unsqueeze(0)).amin(0).tolist()  # a NaN on any process stops them all
         bad = [(step, what) for step, what in zip(first, self.WHAT) if step < self.never]
         if bad:
-            step, what = min(bad)
+            step, what = min(bad, key=lambda b: b[0])  # the loss first when both
             raise NonFiniteLossError(f"the {what} is not finite (NaN or inf) at step {step}: stopping without "
                                      "saving; the newest checkpoint is the last good state (lower the learning "
                                      "rate, check the data, or use float32)")
@@ -256,9 +256,8 @@ def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
                                  f"this run's is {value!r}")
         checkpoint.load_checkpoint(resume_from, student, raw_optimizer, scheduler)
         start = state["step"]
-        if acc.is_main_process:
-            _truncate_log(log_path, start)
     if out is not None and acc.is_main_process:
+        _truncate_log(log_path, start)  # also when a killed run saved no checkpoint at all
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps({**asdict(config), **run_facts}, indent=1))
 
