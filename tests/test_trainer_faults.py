@@ -1,13 +1,14 @@
-"""Trainer faults: SIGKILL at seeded random points (after a step, inside a checkpoint save,
-while an old checkpoint is pruned), a NaN loss, a full disk.
+"""Trainer faults: SIGKILL at seeded random points (after a step, halfway through a log line,
+inside a checkpoint save, while an old checkpoint is pruned), a NaN loss, a full disk.
 
 Killed runs are this file run as a script (``_child``), one process per leg: it wraps the
 functions ``unlearn_ext.checkpoint`` writes with (the safetensors save, ``os.fsync``,
-``os.replace``, ``shutil.rmtree``) and SIGKILLs itself at the n-th call of one of them
-during the save of step s: before the call, after it, or halfway (half a file written,
-half a directory deleted). Each leg resumes the last one's run. After every kill, every
-checkpoint present must load; the last leg runs clean and must end with the weights of an
-uninterrupted run, bitwise (one thread, same ops in the same order on the CPU).
+``os.replace``, ``shutil.rmtree``) and the trainer's log writer, and SIGKILLs itself at
+the n-th call of one of them during the save of step s: before the call, after it, or
+halfway (half a file written, half a directory deleted, half a log line); or right after
+step s. Each leg resumes the last one's run. After every kill, every checkpoint present
+must load; the last leg runs clean and must end with the weights of an uninterrupted run,
+bitwise (one thread, same ops in the same order on the CPU), and a log with each step once.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from safetensors.torch import load_file
 from tiny_lm import FORGET, RETAIN, collate, one_thread, tiny_llama  # noqa: F401
 
 from reliability_tally import tally
-from unlearn_ext import checkpoint
+from unlearn_ext import checkpoint, trainer
 from unlearn_ext.methods import GradDiff, LogitsHead, Models
 from unlearn_ext.trainer import NonFiniteLossError, TrainConfig, TrainData, lr_factor, make_optimizer, train
 
@@ -38,6 +39,7 @@ CONFIG = dict(lr=3e-3, max_steps=8, batch_size=2, grad_accum=2, warmup_ratio=0.2
 TOTAL = CONFIG["max_steps"]
 # (what is called, where the kill lands, how many such calls one save makes, first step where it happens)
 FAULTS = [("step", "after", 1, 1),          # the step is logged, its checkpoint not yet written
+          ("_log_line", "torn", 1, 1),      # half the step's log line written
           ("save_file", "before", 2, 1),    # trainable / optimizer tensors
           ("save_file", "torn", 2, 1),
           ("fsync", "before", 3, 1),
@@ -67,8 +69,10 @@ def _child(out: str, save_step: str, kind: str, nth: str, when: str) -> None:
         real = getattr(owner, name)
 
         def wrapped(*args, **kwargs):
-            # Debris of earlier kills is removed first: only a checkpoint's removal counts.
-            counted = saving[0] == save_step and not (name == "rmtree" and Path(args[0]).name.startswith(".tmp-step"))
+            if name == "_log_line":
+                counted = args[1]["step"] == save_step
+            else:  # debris of earlier kills is removed first: only a checkpoint's removal counts
+                counted = saving[0] == save_step and not (name == "rmtree" and Path(args[0]).name.startswith(".tmp-step"))
             calls[name] += counted
             hit = counted and kind == name and calls[name] == nth
             if hit and when == "before":
@@ -87,6 +91,10 @@ def _child(out: str, save_step: str, kind: str, nth: str, when: str) -> None:
         real_save(tensors, path, *rest)
         os.truncate(path, os.path.getsize(path) // 2)
 
+    def half_a_line(path, record):
+        with open(path, "a") as f:
+            f.write(json.dumps(record)[:20])
+
     def half_a_directory(path, *rest):
         files = sorted(p for p in Path(path).iterdir())
         for f in files[: len(files) // 2 + 1]:
@@ -97,6 +105,7 @@ def _child(out: str, save_step: str, kind: str, nth: str, when: str) -> None:
     wrap(os, "fsync")
     wrap(os, "replace")
     wrap(shutil, "rmtree", torn=half_a_directory)
+    wrap(trainer, "_log_line", torn=half_a_line)
     real_checkpoint = checkpoint.save_checkpoint
 
     def save_checkpoint(root, step, *args, **kwargs):

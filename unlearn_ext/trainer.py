@@ -156,11 +156,18 @@ def _log_line(path: Path, record: dict) -> None:
 
 
 def _truncate_log(path: Path, last_step: int) -> None:
-    """Drop log lines of steps after the checkpoint a run resumes from (a killed run
-    may have logged steps it never saved)."""
+    """Drop log lines of steps after the checkpoint a run starts from (a killed run may
+    have logged steps it never saved, and its last line may be cut short)."""
     if path.exists():
-        lines = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= last_step]
+        lines = [line for line in path.read_text().splitlines() if _logged_step(line) <= last_step]
         path.write_text("".join(line + "\n" for line in lines))
+
+
+def _logged_step(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:  # a line a kill cut short
+        return math.inf
 
 
 class NonFiniteLossError(FloatingPointError):
