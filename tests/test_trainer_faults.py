@@ -202,21 +202,27 @@ def test_killed_anywhere_resumes_to_the_same_weights(uninterrupted, tmp_path, se
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [f"step_{TOTAL - 1}", f"step_{TOTAL}"]
 
 
-@pytest.mark.parametrize("log_every, save_every", [(1, 1), (4, 2)])
-def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(uninterrupted, tmp_path, log_every, save_every):
-    """The loss becomes NaN at step 3; with log_every 4 the loop first looks at step 4 (its
-    first log or save after the NaN), and still names step 3 and saves nothing."""
+@pytest.mark.parametrize("poisoned, log_every, save_every", [("loss", 1, 1), ("loss", 4, 2), ("gradient norm", 1, 1)])
+def test_a_nan_stops_the_run_and_keeps_the_last_good_checkpoint(uninterrupted, tmp_path, poisoned, log_every,
+                                                                save_every):
+    """The loss (or only the gradient) becomes NaN at step 3; with log_every 4 the loop
+    first looks at step 4 (its first log or save after the NaN), and still names step 3.
+    Nothing is saved after the NaN."""
     method, calls = GradDiff(head=LogitsHead()), Counter()
     real_loss = method.loss
 
     def loss(batch):
         calls["micro"] += 1
         value, logs = real_loss(batch)
-        step = (calls["micro"] - 1) // CONFIG["grad_accum"] + 1
-        return (value * float("nan") if step == 3 else value), logs
+        if (calls["micro"] - 1) // CONFIG["grad_accum"] + 1 != 3:
+            return value, logs
+        if poisoned == "loss":
+            return value * float("nan"), logs
+        zero = 0 * next(method.models.student.parameters()).sum()
+        return value + 0 * zero.sqrt(), logs  # adds 0, but its gradient is 0 * inf = NaN
 
     method.loss = loss
-    with pytest.raises(NonFiniteLossError, match=r"the loss is not finite \(NaN or inf\) at step 3"):
+    with pytest.raises(NonFiniteLossError, match=rf"the {poisoned} is not finite \(NaN or inf\) at step 3"):
         _run(tmp_path, method, log_every=log_every, save_every=save_every)
     tally("faults injected")
     assert [p.name for p in _checkpoints(tmp_path)] == (["step_1", "step_2"] if save_every == 1 else ["step_2"])
