@@ -49,10 +49,10 @@ FAULTS = [("step", "after", 1, 1),          # the step is logged, its checkpoint
 KILL_LEGS = 4
 
 
-def _run(out, method=None, **overrides):
+def _run(out, method=None, callbacks=(), **overrides):
     config = TrainConfig(output_dir=str(out), **{**CONFIG, **overrides})
     return train(method or GradDiff(head=LogitsHead()), Models(student=tiny_llama(seed=0)),
-                 TrainData(FORGET, RETAIN, collate()), config)
+                 TrainData(FORGET, RETAIN, collate()), config, callbacks=callbacks)
 
 
 # ---- the killed process ------------------------------------------------------------------------
@@ -71,8 +71,9 @@ def _child(out: str, save_step: str, kind: str, nth: str, when: str) -> None:
         def wrapped(*args, **kwargs):
             if name == "_log_line":
                 counted = args[1]["step"] == save_step
-            else:  # debris of earlier kills is removed first: only a checkpoint's removal counts
-                counted = saving[0] == save_step and not (name == "rmtree" and Path(args[0]).name.startswith(".tmp-step"))
+            else:  # a save first removes the debris of killed saves: only a checkpoint's removal counts
+                debris = name == "rmtree" and Path(args[0]).name.startswith(".tmp-step")
+                counted = saving[0] == save_step and not debris
             calls[name] += counted
             hit = counted and kind == name and calls[name] == nth
             if hit and when == "before":
@@ -96,7 +97,7 @@ def _child(out: str, save_step: str, kind: str, nth: str, when: str) -> None:
             f.write(json.dumps(record)[:20])
 
     def half_a_directory(path, *rest):
-        files = sorted(p for p in Path(path).iterdir())
+        files = sorted(Path(path).iterdir())
         for f in files[: len(files) // 2 + 1]:
             f.unlink()
 
@@ -117,10 +118,7 @@ def _child(out: str, save_step: str, kind: str, nth: str, when: str) -> None:
 
     checkpoint.save_checkpoint = save_checkpoint
     torch.set_num_threads(1)
-    model = train(GradDiff(head=LogitsHead()), Models(student=tiny_llama(seed=0)), TrainData(FORGET, RETAIN, collate()),
-                  TrainConfig(output_dir=out, resume=True, **CONFIG),
-                  callbacks=[lambda step, record: kind == "step" and step == save_step and die()])
-    del model
+    _run(out, resume=True, callbacks=[lambda step, record: kind == "step" and step == save_step and die()])
 
 
 def _leg(out, save_step=0, kind="none", nth=0, when="none"):
