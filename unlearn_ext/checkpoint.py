@@ -14,9 +14,11 @@ It is written to a temporary directory beside its final place and renamed in one
 (and removed by the next save), never a half-written checkpoint. Old checkpoints are
 renamed to ``.tmp-*`` before they are deleted, so a kill while pruning leaves no
 half-deleted one either. A save that fails (a full disk) removes its temporary directory
-and raises ``OSError`` naming the checkpoint; the previous checkpoints are untouched. Parameters are addressed by their names through
-``torch.distributed.checkpoint.state_dict``, which gathers full tensors under DDP and FSDP
-alike, so a checkpoint does not depend on how the run was distributed.
+and raises ``OSError`` naming the checkpoint; the previous checkpoints are untouched.
+
+Parameters are addressed by their names through ``torch.distributed.checkpoint.state_dict``,
+which gathers full tensors under DDP and FSDP alike, so a checkpoint does not depend on
+how the run was distributed.
 """
 from __future__ import annotations
 
