@@ -233,7 +233,7 @@ class FusedLinearLoss(torch.autograd.Function):
             with _no_autocast(hidden.device):
                 _, grads = run_chunks(plan, hidden, weight, bias, lambda v, s, e: grad_rows[s:e],
                                       tuple(ctx.needs_input_grad[:3]))
-        d_hidden = None if grads.hidden is None else grads.hidden.view(plan.rows.lead_shape + (-1,))
+        d_hidden = None if grads.hidden is None else grads.hidden.view(*plan.rows.lead_shape, grads.hidden.shape[-1])
         return d_hidden, grads.weight, grads.bias, None, None
 
 
