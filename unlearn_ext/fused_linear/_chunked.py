@@ -33,7 +33,7 @@ Upstream = Union[float, Callable[[torch.Tensor, int, int], torch.Tensor], None]
 # Fewest rows per chunk: below these, re-reading the [V, H] weight-gradient accumulator for
 # every chunk costs more than the chunk's d_weight matmul (its arithmetic intensity is
 # rows / 4 flop per accumulator byte; ~20 flop/byte balance a CPU, ~300 an H100).
-MIN_CHUNK_ROWS = {"cpu": 256, "cuda": 1024}
+MIN_CHUNK_ROWS = {"cpu": 512, "cuda": 1024}
 _MIB = 1 << 20
 
 
@@ -43,7 +43,7 @@ def default_chunk_rows(vocab: int, hidden_size: int, bytes_per_row: int, device:
     64 MiB, and never fewer rows than the d_weight matmul needs to stay compute-bound.
     A multiple of 64 (matmul tiles) when that large."""
     budget = max(vocab * hidden_size // 2, 64 * _MIB)
-    rows = max(budget // max(bytes_per_row, 1), MIN_CHUNK_ROWS.get(device.type, 256))
+    rows = max(budget // max(bytes_per_row, 1), MIN_CHUNK_ROWS.get(device.type, 512))
     return int(rows // 64 * 64 if rows >= 64 else rows)
 
 
