@@ -146,7 +146,7 @@ def measure(cfg, impls) -> dict:
         for impl in impls:
             try:
                 out[f"{impl}_peak_bytes"] = cuda_peak_extra_bytes(cfg, impl, x)
-            except torch.OutOfMemoryError:
+            except torch.cuda.OutOfMemoryError:
                 out[f"{impl}_peak_bytes"] = None  # does not fit: reported as OOM, not timed
                 x.hidden.grad = x.weight.grad = None
                 gc.collect()

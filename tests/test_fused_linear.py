@@ -80,36 +80,56 @@ def grads_of(out, student, teachers, reduction, upstream):
     leaves = [x for x in student[:3] if x is not None]
     for x in leaves + [t.hidden for t in teachers]:
         x.grad = None
-    (out * upstream).sum().backward() if reduction == "none" else out.backward()
+    # a scalar loss gets an upstream gradient other than 1 too (the forward formed its gradient for 1)
+    (out * upstream).sum().backward() if reduction == "none" else (out * -1.7).backward()
     return [x.grad for x in leaves]
 
 
-def check(spec, backend, reduction, *, rtol=1e-10, chunk_size=None, temperature=1.0, **case_kw):
+def as_float64(student, teachers):
+    """Float64 leaves with the values of the inputs (the oracle's own copies)."""
+    def copy(x):
+        return x.detach().double().requires_grad_(True) if isinstance(x, torch.Tensor) else x
+
+    return tuple(copy(x) for x in student), [ue.LMHeadInputs(*(copy(x) for x in t)) for t in teachers]
+
+
+def check(spec, backend, reduction, *, chunk_size=None, temperature=1.0, **case_kw):
+    """The fused op against the reference on float64 logits: float64 inputs on the torch
+    and cpu backends (exact up to rounding), float32 on kernels without float64 (CUDA,
+    Triton), with float32 bounds."""
     name, device = backend
-    student, teachers, labels = make_case(spec, device=device, **case_kw)
+    dtype = dtype_for(backend)
+    student, teachers, labels = make_case(spec, device=device, dtype=dtype, **case_kw)
     upstream = torch.randn(labels.shape, dtype=torch.float64, device=device)
     out = spec.fused(student, teachers, labels, reduction=reduction, backend=name, chunk_size=chunk_size,
                      temperature=temperature)
-    got = grads_of(out, student, teachers, reduction, upstream)
+    got = grads_of(out, student, teachers, reduction, upstream.to(out.dtype))
     assert all(t.hidden.grad is None for t in teachers), "teacher hidden states must get no gradient"
-    ref_out = spec.reference(student, teachers, labels, reduction, temperature=temperature)
-    expected = grads_of(ref_out, student, teachers, reduction, upstream)
+    student64, teachers64 = as_float64(student, teachers)
+    ref_out = spec.reference(student64, teachers64, labels, reduction, temperature=temperature)
+    expected = grads_of(ref_out, student64, teachers64, reduction, upstream)
     where = f"{spec.name} {name}-{device} {reduction} chunk={chunk_size} {case_kw}"
-    assert out.shape == ref_out.shape and out.dtype == ref_out.dtype, where
-    torch.testing.assert_close(out, ref_out, rtol=rtol, atol=rtol, msg=lambda m: f"{where} value: {m}")
-    for what, g, e in zip(("hidden", "weight", "bias"), got, expected):
-        assert g.dtype == e.dtype and g.shape == e.shape, f"{where} d_{what} dtype/shape"
-        torch.testing.assert_close(g, e, rtol=rtol, atol=rtol, msg=lambda m: f"{where} d_{what}: {m}")
+    assert out.shape == ref_out.shape and out.dtype == (ref_out.dtype if dtype == torch.float64 else torch.float32)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(out.double(), ref_out, rtol=tol, atol=tol, msg=lambda m: f"{where} value: {m}")
+    for what, g, e, x in zip(("hidden", "weight", "bias"), got, expected, student):
+        assert g.dtype == x.dtype and g.shape == x.shape, f"{where} d_{what} dtype/shape"
+        torch.testing.assert_close(g.double(), e, rtol=tol, atol=tol, msg=lambda m: f"{where} d_{what}: {m}")
     return out, got
+
+
+def dtype_for(backend):
+    """float64 where the row kernels take it (torch, cpu); float32 elsewhere."""
+    return torch.float64 if backend[0] in ("torch", "cpu") else torch.float32
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 @pytest.mark.parametrize("chunk_size", [None, 1, 5, 64], ids=["default", "1", "5", "ge_N"])
-def test_matches_reference_float64(backend, spec, reduction, chunk_size, seed):
-    """Float64 inputs: exact up to float64 rounding; chunk sizes that do not divide the
-    rows, 1, and larger than the rows; per-row upstream gradients for 'none'."""
+def test_matches_reference(backend, spec, reduction, chunk_size, seed):
+    """Exact up to rounding; chunk sizes that do not divide the rows, 1, and larger than
+    the rows; per-row upstream gradients for 'none'."""
     check(spec, backend, reduction, chunk_size=chunk_size, bias=chunk_size != 5)
 
 
@@ -156,11 +176,7 @@ def test_low_precision_no_worse_than_eager(backend, dtype, spec, seed):
     eager = spec.reference(student, teachers, labels, "none")  # PyTorch: matmul in dtype, loss in float32
     eager_grads = grads_of(eager, student, teachers, "none", upstream)
 
-    def as64(x):
-        return x.detach().double().requires_grad_(True) if x is not None else None
-
-    student64 = tuple(as64(x) if isinstance(x, torch.Tensor) else x for x in student)
-    teachers64 = [ue.LMHeadInputs(*(as64(x) if isinstance(x, torch.Tensor) else x for x in t)) for t in teachers]
+    student64, teachers64 = as_float64(student, teachers)
     exact = spec.reference(student64, teachers64, labels, "none")
     exact_grads = grads_of(exact, student64, teachers64, "none", upstream.double())
     eps = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8}[dtype]
