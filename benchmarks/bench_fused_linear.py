@@ -6,7 +6,8 @@ eager PyTorch (the reference ops, backend="torch"), forward + backward.
     python benchmarks/bench_fused_linear.py --rows 512 --hidden 512 --vocab 32000   # a quick look
 
 Time: median over --repeats runs of forward + backward, eager and fused interleaved (so
-that a busy machine slows both alike); CUDA events on the GPU. Peak memory: what a
+that a busy machine slows both alike); CUDA events on the GPU; on the CPU also the
+process CPU time (steadier than wall time when other work shares the cores). Peak memory: what a
 forward + backward adds above its inputs (CPU: peak resident set of a fresh process per
 case; GPU: the allocator's peak). Both implementations return the same gradients
 (d_hidden, d_weight), which are part of the peak; "working" memory leaves them out: it is
@@ -98,6 +99,8 @@ def _run(cfg, impl, x):
 
 
 def timer(device):
+    """fn -> (wall seconds, process CPU seconds or None). On a shared CPU the process time
+    is the steadier measure of the work done; on the GPU, CUDA events time the device."""
     if device == "cuda":
         def run(fn):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -106,13 +109,13 @@ def timer(device):
             fn()
             end.record()
             torch.cuda.synchronize()
-            return start.elapsed_time(end) / 1e3
+            return start.elapsed_time(end) / 1e3, None
         return run
 
     def run(fn):
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         fn()
-        return time.perf_counter() - start
+        return time.perf_counter() - wall, time.process_time() - cpu
     return run
 
 
@@ -161,7 +164,10 @@ def measure(cfg, impls) -> dict:
         for impl in runnable:  # interleaved
             times[impl].append(run(lambda: step(cfg, impl, x)))
     for impl in impls:
-        out[f"{impl}_time_s"] = statistics.median(times[impl]) if times.get(impl) else None
+        samples = times.get(impl)
+        out[f"{impl}_time_s"] = statistics.median(t[0] for t in samples) if samples else None
+        if cfg.device == "cpu":
+            out[f"{impl}_cpu_time_s"] = statistics.median(t[1] for t in samples) if samples else None
     return out
 
 
@@ -182,6 +188,8 @@ def row_for(cfg, impls) -> dict:
         row["working_memory_ratio"] = max(fused - row["grad_bytes"], 0) / max(eager - row["grad_bytes"], 1)
     if row.get("eager_time_s") and row.get("fused_time_s"):
         row["time_ratio"] = row["fused_time_s"] / row["eager_time_s"]
+    if row.get("eager_cpu_time_s") and row.get("fused_cpu_time_s"):
+        row["cpu_time_ratio"] = row["fused_cpu_time_s"] / row["eager_cpu_time_s"]
     return row
 
 
@@ -193,7 +201,7 @@ def print_row(r):
     t = lambda s: "  -   " if s is None else f"{s:7.3f}"  # noqa: E731
     print(f"{r['loss']:<14} V={r['vocab']:<7} chunk={r['chunk_rows']:<5} "
           f"time eager {t(r.get('eager_time_s'))} s fused {t(r.get('fused_time_s'))} s "
-          f"(x{r.get('time_ratio', float('nan')):.2f})  peak GiB eager {gib(r.get('eager_peak_bytes'))} "
+          f"(x{r.get('time_ratio', float('nan')):.2f}; CPU time x{r.get('cpu_time_ratio', float('nan')):.2f})  peak GiB eager {gib(r.get('eager_peak_bytes'))} "
           f"fused {gib(r.get('fused_peak_bytes'))} (grads {gib(r['grad_bytes'])}; working memory "
           f"x{r.get('working_memory_ratio', float('nan')):.3f})", flush=True)
 

@@ -30,10 +30,12 @@ from ._inputs import LMHeadInputs, Rows
 # A chunk's upstream gradient: a constant, or rows' gradients from (values, start, stop).
 Upstream = Union[float, Callable[[torch.Tensor, int, int], torch.Tensor], None]
 
-# Fewest rows per chunk: below these, re-reading the [V, H] weight-gradient accumulator for
-# every chunk costs more than the chunk's d_weight matmul (its arithmetic intensity is
-# rows / 4 flop per accumulator byte; ~20 flop/byte balance a CPU, ~300 an H100).
-MIN_CHUNK_ROWS = {"cpu": 512, "cuda": 1024}
+# Fewest rows per chunk. Each chunk's matmuls pass over the whole [V, H] weight (the BLAS
+# packs it for every call) and the float32 weight-gradient accumulator: rows·2 flop per
+# weight element against ~8 bytes of traffic, so too few rows make a chunk memory-bound
+# (~20 flop/byte balance a CPU, ~300 an H100). Measured on a 2-core Xeon (fp32, V = 32000,
+# H = 2048, N = 4096): 512 rows cost as much CPU time as eager PyTorch, 768 rows 4 % less.
+MIN_CHUNK_ROWS = {"cpu": 768, "cuda": 1024}
 _MIB = 1 << 20
 
 
@@ -43,7 +45,7 @@ def default_chunk_rows(vocab: int, hidden_size: int, bytes_per_row: int, device:
     64 MiB, and never fewer rows than the d_weight matmul needs to stay compute-bound.
     A multiple of 64 (matmul tiles) when that large."""
     budget = max(vocab * hidden_size // 2, 64 * _MIB)
-    rows = max(budget // max(bytes_per_row, 1), MIN_CHUNK_ROWS.get(device.type, 512))
+    rows = max(budget // max(bytes_per_row, 1), MIN_CHUNK_ROWS.get(device.type, 768))
     return int(rows // 64 * 64 if rows >= 64 else rows)
 
 
