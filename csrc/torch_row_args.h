@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <string>
+#include <tuple>
 
 #include "common/row_args.h"
 
@@ -89,9 +90,8 @@ inline RowCall make_row_call(const std::string& op_name, const at::Tensor& logit
     *views[k] = to_row_view(t, names[k]);
   }
 
-  const bool needs_labels = reads_label_logit(a.op) || a.op == Op::kUnDIAL;
   const bool has_labels = labels.has_value() && labels->defined();
-  TORCH_CHECK_VALUE(has_labels || !needs_labels, "unlearn_ext: op '", op_name, "' needs labels");
+  TORCH_CHECK_VALUE(has_labels || !needs_label(a.op), "unlearn_ext: op '", op_name, "' needs labels");
   if (has_labels) {
     const at::Tensor& l = *labels;
     TORCH_CHECK_TYPE(l.scalar_type() == at::kLong, "unlearn_ext: labels must be int64, got ", l.scalar_type());
@@ -123,5 +123,82 @@ inline RowView grad_view(const at::Tensor& grad, const at::Tensor& logits) {
   TORCH_CHECK_VALUE(grad.device() == logits.device(), "unlearn_ext: grad must be on the device of logits");
   return to_row_view(grad, "grad");
 }
+
+// Allocates a forward's outputs (values, stats) and points the call at them; with a
+// gradient buffer (the fused path) the kernel also writes the gradient, times grad_scale.
+inline std::tuple<at::Tensor, at::Tensor> attach_forward_outputs(RowArgs& a, const at::Tensor& logits,
+                                                                 const at::Tensor* grad, double grad_scale) {
+  const auto opts = logits.options().dtype(compute_dtype(logits));
+  at::Tensor values = new_output({a.rows}, opts);
+  at::Tensor stats = new_output({a.rows, kNumStats}, opts);
+  a.values = values.data_ptr();
+  a.stats = stats.data_ptr();
+  if (grad != nullptr) {
+    a.grad = grad_view(*grad, logits);
+    a.write_grad = true;
+    a.grad_scale = grad_scale;
+  }
+  return {values, stats};
+}
+
+// Checks a backward's inputs (the forward's stats, the per-row upstream gradient) and
+// points the call at them and at the gradient buffer.
+inline void attach_backward_args(RowArgs& a, const at::Tensor& logits, const at::Tensor& stats,
+                                 const at::Tensor& grad_rows, const at::Tensor& grad) {
+  const auto cdt = compute_dtype(logits);
+  TORCH_CHECK_VALUE(stats.scalar_type() == cdt && stats.is_contiguous() && stats.dim() == 2 && stats.size(0) == a.rows && stats.size(1) == kNumStats, "unlearn_ext: stats must be the contiguous [rows, ", kNumStats, "] tensor returned by the forward");
+  TORCH_CHECK_VALUE(grad_rows.scalar_type() == cdt && grad_rows.is_contiguous() && grad_rows.numel() == a.rows, "unlearn_ext: grad_rows must be a contiguous ", cdt, " tensor with one entry per row");
+  TORCH_CHECK_VALUE(stats.device() == logits.device() && grad_rows.device() == logits.device(), "unlearn_ext: stats and grad_rows must be on the device of logits");
+  a.stats = const_cast<void*>(stats.data_ptr());
+  a.grad_rows = grad_rows.data_ptr();
+  a.grad = grad_view(grad, logits);
+}
+
+// The three ops of the schemas (csrc/bindings.cpp) for one backend: check, allocate,
+// describe, run. The backend supplies
+//   Guard      constructed from the logits before anything else: checks their device and
+//              holds whatever the kernels need (the CUDA binding: a device guard);
+//   forward(a), backward(a)   which run its kernels on a checked RowArgs.
+template <class Backend>
+struct RowOps {
+  static std::tuple<at::Tensor, at::Tensor> forward(const std::string& op, const at::Tensor& logits,
+                                                    const c10::optional<at::Tensor>& teacher,
+                                                    const c10::optional<at::Tensor>& teacher2,
+                                                    const c10::optional<at::Tensor>& labels, int64_t ignore_index,
+                                                    double inv_temperature, double alpha, double gamma) {
+    return run_forward(op, logits, teacher, teacher2, labels, ignore_index, inv_temperature, alpha, gamma, nullptr, 1.0);
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> forward_with_grad(
+      const std::string& op, const at::Tensor& logits, const c10::optional<at::Tensor>& teacher,
+      const c10::optional<at::Tensor>& teacher2, const c10::optional<at::Tensor>& labels, int64_t ignore_index,
+      double inv_temperature, double alpha, double gamma, at::Tensor grad, double grad_scale) {
+    return run_forward(op, logits, teacher, teacher2, labels, ignore_index, inv_temperature, alpha, gamma, &grad, grad_scale);
+  }
+
+  static void backward(const std::string& op, const at::Tensor& logits, const c10::optional<at::Tensor>& teacher,
+                       const c10::optional<at::Tensor>& teacher2, const c10::optional<at::Tensor>& labels,
+                       const at::Tensor& stats, const at::Tensor& grad_rows, int64_t ignore_index,
+                       double inv_temperature, double alpha, double gamma, at::Tensor grad) {
+    const typename Backend::Guard guard(logits);
+    RowCall call = make_row_call(op, logits, teacher, teacher2, labels, ignore_index, inv_temperature, alpha, gamma);
+    attach_backward_args(call.args, logits, stats, grad_rows, grad);
+    Backend::backward(call.args);
+  }
+
+ private:
+  static std::tuple<at::Tensor, at::Tensor> run_forward(const std::string& op, const at::Tensor& logits,
+                                                        const c10::optional<at::Tensor>& teacher,
+                                                        const c10::optional<at::Tensor>& teacher2,
+                                                        const c10::optional<at::Tensor>& labels,
+                                                        int64_t ignore_index, double inv_temperature, double alpha,
+                                                        double gamma, const at::Tensor* grad, double grad_scale) {
+    const typename Backend::Guard guard(logits);
+    RowCall call = make_row_call(op, logits, teacher, teacher2, labels, ignore_index, inv_temperature, alpha, gamma);
+    auto outputs = attach_forward_outputs(call.args, logits, grad, grad_scale);
+    Backend::forward(call.args);
+    return outputs;
+  }
+};
 
 }  // namespace unlearn_ext

@@ -137,9 +137,12 @@ def check_against_reference(spec, backend, shape, dtype, reduction, *, temperatu
     eps = 8 * EPS[value_dtype]
     finite = torch.cat([x.double().cpu()[torch.isfinite(x.double().cpu())].abs().flatten()
                         for x in [logits, *teachers]] + [torch.zeros(1, dtype=torch.float64)])
-    value_atol = eps * max(1.0, finite.max().item() / temperature)
+    logit_scale = max(1.0, finite.max().item() / temperature)
+    value_atol = eps * logit_scale
     g_scale = (upstream.abs().max().item() if upstream.numel() else 0.0) if reduction == "none" else 1.0
-    grad_atol = eps * g_scale / temperature + TINY[dtype]
+    # The reverse-KL gradient p((s − t) − E_p[s − t]) carries a log-ratio of logit size.
+    log_ratio = logit_scale if spec.name in ("reverse_kl", "rkld") else 1.0
+    grad_atol = eps * g_scale * log_ratio / temperature + TINY[dtype]
     rows = max(1, out.numel())
     factor = max(factor, 4.0 if dtype == torch.float32 else 1.0)
     assert_no_worse_than_torch(out, ref_out, base_out, value_dtype if dtype == torch.float32 else dtype,

@@ -12,7 +12,6 @@ the reason.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 NAMES = ("torch", "cpu", "cuda", "triton")
+_MODULES = {"cpu": "unlearn_ext._C", "cuda": "unlearn_ext._C_cuda", "triton": "unlearn_ext.triton_kernels"}
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class TorchOpKernels:
 
     def __init__(self, name: str, fuses_grad: bool):
         self.name = name
-        # May write the gradient during the forward (sum/mean reductions): on the CPU the
+        # Can write the gradient during the forward (sum/mean reductions): on the CPU the
         # second walk over a row hits L2, cheaper than a backward pass from memory.
         self.fuses_grad = fuses_grad
 
@@ -55,28 +55,48 @@ class TorchOpKernels:
             p.alpha, p.gamma, grad)
 
 
-@functools.lru_cache(maxsize=None)
-def _import(module: str):
+def _try_import(module: str):
     try:
-        mod = importlib.import_module(module)
+        return importlib.import_module(module), None
     except Exception as exc:  # a missing or broken build: report it, keep the package usable
         return None, f"{type(exc).__name__}: {exc}"
-    if module == _MODULES["cpu"]:  # the C++ extension defines the op schemas
-        from .ops._library import register_fakes
+
+
+def _load_extensions() -> dict[str, tuple]:
+    """Imports every backend that can load here, once, when the package is imported: the
+    dispatch below is then plain dictionary lookups, which torch.compile traces."""
+    loaded = {"cpu": _try_import(_MODULES["cpu"])}
+    if loaded["cpu"][0] is not None:  # the C++ extension defines the op schemas
+        from ._fake_ops import register_fakes
 
         register_fakes()
-    return mod, None
+    if torch.version.cuda is None:
+        loaded["cuda"] = (None, "this torch build has no CUDA")
+    elif loaded["cpu"][0] is None:
+        loaded["cuda"] = (None, "the CUDA extension needs the C++ extension, which did not load")
+    else:
+        loaded["cuda"] = _try_import(_MODULES["cuda"])
+    if torch.cuda.is_available() or _interpreting():
+        loaded["triton"] = _try_import(_MODULES["triton"])
+    else:
+        loaded["triton"] = (None, "Triton needs a CUDA device (or TRITON_INTERPRET=1 to run on the CPU)")
+    return loaded
+
+
+def _import(name: str):
+    """(module, None) or (None, why it did not load)."""
+    return _LOADED[name]
 
 
 def _cpu_status() -> BackendStatus:
-    ext, err = _import(_MODULES["cpu"])
+    ext, err = _import("cpu")
     if ext is None:
         return BackendStatus(False, f"C++ extension not built ({err})")
     return BackendStatus(True, f"C++ kernels, {ext.cpu_isa()}")
 
 
 def _cuda_status() -> BackendStatus:
-    ext, err = _import("unlearn_ext._C_cuda")
+    ext, err = _import("cuda")
     if ext is None:
         return BackendStatus(False, f"CUDA extension not built ({err})")
     if not torch.cuda.is_available():
@@ -89,7 +109,7 @@ def _interpreting() -> bool:
 
 
 def _triton_status() -> BackendStatus:
-    mod, err = _import("unlearn_ext.triton_kernels")
+    mod, err = _import("triton")
     if mod is None:
         return BackendStatus(False, f"Triton kernels unavailable ({err})")
     if torch.cuda.is_available():
@@ -109,17 +129,18 @@ def backends() -> dict[str, BackendStatus]:
     }
 
 
-_MODULES = {"cpu": "unlearn_ext._C", "cuda": "unlearn_ext._C_cuda", "triton": "unlearn_ext.triton_kernels"}
-_CPU = TorchOpKernels("cpu", fuses_grad=True)
-_CUDA = TorchOpKernels("cuda", fuses_grad=False)
+_LOADED = _load_extensions()
+# Every kernel backend can write the gradient during the forward (sum/mean). The autograd
+# Function takes that path on CPU tensors only (see RowLossFunction.forward): on a GPU it
+# would need host synchronisations (the mean's divisor, and whether the upstream gradient is
+# 1 so that the backward can skip its scaling pass), which DESIGN.md rules out.
+_KERNELS = {"cpu": TorchOpKernels("cpu", fuses_grad=True), "cuda": TorchOpKernels("cuda", fuses_grad=True)}
+if _LOADED["triton"][0] is not None:
+    _KERNELS["triton"] = _LOADED["triton"][0].KERNELS
 
 
 def _kernels(name: str):
-    if name == "cpu":
-        return _CPU
-    if name == "cuda":
-        return _CUDA
-    return importlib.import_module("unlearn_ext.triton_kernels").KERNELS
+    return _KERNELS[name]
 
 
 def _runs_on(name: str, device: torch.device) -> str | None:
@@ -139,12 +160,12 @@ def resolve(backend: str | None, device: torch.device):
     name = backend or os.environ.get("UNLEARN_EXT_BACKEND") or None
     if name is None:
         order = ("cpu",) if device.type == "cpu" else ("cuda", "triton") if device.type == "cuda" else ()
-        name = next((n for n in order if _import(_MODULES[n])[0] is not None), "torch")
+        name = next((n for n in order if _LOADED[n][0] is not None), "torch")
     if name not in NAMES:
         raise ValueError(f"backend must be one of {', '.join(NAMES)}, got {name!r}")
     if name == "torch":
         return None
-    if _import(_MODULES[name])[0] is None or (name == "cuda" and not torch.cuda.is_available()):
+    if _LOADED[name][0] is None or (name == "cuda" and not torch.cuda.is_available()):
         raise RuntimeError(f"backend {name!r} is not available: {backends()[name].detail}")
     why = _runs_on(name, device)
     if why is not None:

@@ -22,8 +22,13 @@ struct RowView {
   int64_t outer_stride = 0;  // elements between consecutive outer indices
 };
 
+// Row r of the view is row (r % inner_rows) of outer index r / inner_rows. Views of the
+// same launch share inner_rows (their shapes are equal), so kernels split r once.
+UE_HD int64_t row_offset(const RowView& v, int64_t outer, int64_t inner) {
+  return outer * v.outer_stride + inner * v.inner_stride;
+}
 UE_HD int64_t row_offset(const RowView& v, int64_t r) {
-  return (r / v.inner_rows) * v.outer_stride + (r % v.inner_rows) * v.inner_stride;
+  return row_offset(v, r / v.inner_rows, r % v.inner_rows);
 }
 
 struct RowArgs {

@@ -46,6 +46,9 @@ UE_HD constexpr int num_teachers(Op op) {
 UE_HD constexpr bool reads_label_logit(Op op) {
   return op == Op::kTokenLogprob || op == Op::kCrossEntropy;
 }
+// Ops that need a valid label: a row without one gets NaN (the bindings refuse such labels
+// where checking them is free; a kernel never reads out of bounds).
+UE_HD constexpr bool needs_label(Op op) { return reads_label_logit(op) || op == Op::kUnDIAL; }
 
 template <typename T>
 UE_HD T neg_inf() {
@@ -210,7 +213,9 @@ UE_HD T grad_elem(T s, T t, const T* stats, T g, Exp exp_fn) {
     (void)t;
     return g * p;
   } else if constexpr (op == Op::kReverseKL || op == Op::kRKLD) {
-    return p == T(0) ? T(0) : g * p * (((s - stats[0]) - (t - stats[2])) - stats[3]);
+    // Both sides computed before the select: a load under a condition stops vectorisation.
+    const T d = ((s - stats[0]) - (t - stats[2])) - stats[3];
+    return p == T(0) ? T(0) : g * p * d;
   } else {
     return g * (p - exp_fn((t - stats[2]) - stats[3]));
   }

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "../common/float_bits.h"
 #include "../common/row_args.h"
 #include "../common/row_math.h"
 
@@ -27,21 +28,14 @@ namespace {
 
 constexpr int64_t kBlock = 1024;
 
-inline float bits_to_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-inline uint32_t float_to_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
+// The loops below must be vectorised inside each caller: an out-of-line copy shared by
+// several ops (identical-code folding) lost its vectorised exp-sum loop.
+#define UE_INLINE inline __attribute__((always_inline))
 
 // exp(x) in float, vectorisable (no calls, no branches): Cephes' expf polynomial on
 // x - n ln2 with n = round(x / ln2), about 1 ulp. Below -87.3 the result is 0 (exact for
 // masked logits); a NaN stays NaN (the clamps are written so that NaN fails them).
-inline float exp_fast(float x) {
+UE_INLINE float exp_fast(float x) {
   const float hi = 88.3762626647949f, lo = -87.3365478515625f;
   float xc = x > hi ? hi : x;
   xc = xc < lo ? lo : xc;
@@ -82,14 +76,6 @@ struct Expm1Fn {
   T operator()(T x) const { return std::expm1(x); }
 };
 
-// bfloat16 <-> float by bits; float -> bfloat16 rounds to nearest even like torch.
-inline uint16_t float_to_bf16(float f) {
-  const uint32_t u = float_to_bits(f);
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  return (u & 0x7fffffffu) > 0x7f800000u ? static_cast<uint16_t>(0x7fc0u | ((u >> 16) & 0x8000u))
-                                         : static_cast<uint16_t>(rounded);
-}
-
 // dst[i] = scale * src[i] in the compute type T.
 template <typename T>
 void load(T* dst, const RowView& v, int64_t offset, int64_t n, T scale) {
@@ -104,7 +90,7 @@ void load(T* dst, const RowView& v, int64_t offset, int64_t n, T scale) {
       const uint16_t* p = static_cast<const uint16_t*>(v.data) + offset;
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i)
-        dst[i] = static_cast<T>(bits_to_float(static_cast<uint32_t>(p[i]) << 16)) * scale;
+        dst[i] = static_cast<T>(bf16_to_float(p[i])) * scale;
       break;
     }
     case DType::kFloat16: {
@@ -203,7 +189,7 @@ void load_block(const RowArgs& a, int64_t r, int64_t y, int64_t b0, int64_t n, S
 }
 
 template <typename T>
-T block_max(const T* x, int64_t n) {
+UE_INLINE T block_max(const T* x, int64_t n) {
   T m = neg_inf<T>();
 #pragma omp simd reduction(max : m)
   for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
@@ -213,7 +199,7 @@ T block_max(const T* x, int64_t n) {
 // The state of one loaded block, by two vectorised loops (maxima, then sums). For the token
 // ops the label's entry (label_pos, or -1) counts in the maximum but not in the sum.
 template <Op op, typename T>
-RowState<T> block_state(Scratch<T>& w, int64_t n, int64_t label_pos) {
+UE_INLINE RowState<T> block_state(Scratch<T>& w, int64_t n, int64_t label_pos) {
   RowState<T> b = empty_state<T>();
   b.ms = block_max(w.s, n);
   if (label_pos >= 0) w.s[label_pos] = neg_inf<T>();
@@ -242,7 +228,11 @@ RowState<T> block_state(Scratch<T>& w, int64_t n, int64_t label_pos) {
 
 // Writes the gradient of row r, g times d(loss)/d(scaled logits) (g includes 1/temperature).
 template <Op op, typename T>
-void grad_row(const RowArgs& a, int64_t r, int64_t y, T g, const T* stats, Scratch<T>& w) {
+void grad_row(const RowArgs& a, int64_t r, int64_t y, T g, const T* row_stats, Scratch<T>& w) {
+  // A local copy: the compiler cannot prove that stores to w.out leave row_stats alone, and
+  // reloading them inside the loop stops it from vectorising.
+  T stats[kNumStats];
+  for (int k = 0; k < kNumStats; ++k) stats[k] = row_stats[k];
   const int64_t out_offset = row_offset(a.grad, r);
   for (int64_t b0 = 0; b0 < a.vocab; b0 += kBlock) {
     const int64_t n = a.vocab - b0 < kBlock ? a.vocab - b0 : kBlock;
@@ -255,12 +245,6 @@ void grad_row(const RowArgs& a, int64_t r, int64_t y, T g, const T* stats, Scrat
     }
     store<T>(a.grad, out_offset + b0, w.out, n);
   }
-}
-
-// Ops that need a valid label (token ops, UnDIAL) give NaN for a row without one.
-template <Op op>
-bool needs_label() {
-  return reads_label_logit(op) || op == Op::kUnDIAL;
 }
 
 template <Op op, typename T>
@@ -291,7 +275,7 @@ void forward_rows(const RowArgs& a, int64_t begin, int64_t end) {
         s_label = load_one<T>(a.student, row_offset(a.student, r) + y) * static_cast<T>(a.inv_temperature);
     }
     T value = finalize<op, T>(state, s_label, stats, ExpFn{}, LogFn{}, Log1pFn{});
-    const bool bad_label = needs_label<op>() && y < 0;
+    const bool bad_label = needs_label(op) && y < 0;
     if (bad_label) value = NAN;
     values[r] = value;
     if (a.write_grad) {
@@ -313,7 +297,7 @@ void backward_rows(const RowArgs& a, int64_t begin, int64_t end) {
       continue;
     }
     const int64_t y = row_label(a, r);
-    const T g = (needs_label<op>() && y < 0) ? T(NAN) : grad_rows[r] * static_cast<T>(a.inv_temperature);
+    const T g = (needs_label(op) && y < 0) ? T(NAN) : grad_rows[r] * static_cast<T>(a.inv_temperature);
     grad_row<op, T>(a, r, y, g, stats_all + r * ns, w);
   }
 }

@@ -59,7 +59,12 @@ class RowLossFunction(torch.autograd.Function):
             count = ((labels != params.ignore_index).sum() if labels is not None
                      else torch.tensor(rows, device=logits.device))
         ctx.op, ctx.params, ctx.reduction, ctx.backend, ctx.inplace = op, params, reduction, backend, inplace
-        ctx.fused = (reduction != "none" and kernels.fuses_grad and ctx.needs_input_grad[0] and not tracing())
+        # The fused path (gradient written in the forward) needs the mean's divisor and, in
+        # the backward, whether the upstream gradient is 1 on the host: free for CPU tensors,
+        # a synchronisation for GPU ones. GPUs take the backward kernel instead: no sync, so
+        # eager, CUDA graphs and torch.compile all behave alike.
+        ctx.fused = (reduction != "none" and kernels.fuses_grad and logits.device.type == "cpu"
+                     and ctx.needs_input_grad[0] and not tracing())
         if ctx.fused:
             grad = logits if inplace else new_grad_buffer(logits)
             scale = 1.0 / max(int(count), 1) if reduction == "mean" else 1.0

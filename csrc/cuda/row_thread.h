@@ -1,0 +1,517 @@
+// The work of one thread of the CUDA row kernels, as plain host+device functions.
+//
+// A thread block owns a row. Each thread walks its share of the row (pass 1: online
+// maxima and sums, row_math.h's RowState), the block merges the threads' states
+// (row_kernels.cu), and the thread then walks its share again to write the gradient
+// (pass 2), in reverse tile order so that the tiles read last in pass 1 are re-read from
+// L2 first; the thread's last tile is still in its registers and is not re-read at all.
+//
+// Everything here compiles with nvcc for the device and with a plain C++ compiler for
+// the host, where tests/cuda_emulator.cpp runs the same code thread by thread to test
+// the kernels' indexing, alignment and per-row logic on machines without a GPU.
+//
+// Layout of a row's work: elements [vec_begin, vec_begin + nvec * kVecN) are read as
+// 16-byte vectors, in tiles of nthreads * kUnroll vectors (thread tid takes vectors
+// tile_start + u * nthreads + tid, u < kUnroll: coalesced, kUnroll loads in flight); the
+// elements before and after (a row start that is not 16-byte aligned, a vocabulary that
+// is not a multiple of the vector) go one by one. A row is vectorised when the student's
+// first aligned element is also aligned in every other tensor the pass touches.
+#pragma once
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#include <cuda_fp16.h>
+#define UE_HDM __host__ __device__ __forceinline__
+#else
+#define UE_HDM inline
+#endif
+#if defined(__CUDA_ARCH__)
+#define UE_UNROLL _Pragma("unroll")
+#else
+#define UE_UNROLL
+#endif
+
+#include "../common/float_bits.h"
+#include "../common/row_args.h"
+#include "../common/row_math.h"
+
+namespace unlearn_ext {
+namespace cuda {
+
+// Kernel variants by how a row is read: 16-byte vectors of one storage type shared by
+// every tensor of the launch, or element by element (float64, mixed dtypes).
+enum class Path : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kScalar = 3 };
+
+UE_HD constexpr int dtype_bytes(DType d) {
+  return d == DType::kFloat32 ? 4 : d == DType::kFloat64 ? 8 : 2;
+}
+UE_HD constexpr int path_bytes(Path p) { return p == Path::kFloat32 ? 4 : 2; }
+// Elements per 16-byte vector (1: the scalar path has no vectors).
+UE_HD constexpr int vec_elems(Path p) { return p == Path::kScalar ? 1 : 16 / path_bytes(p); }
+// 16-byte loads each thread keeps in flight per input tensor.
+UE_HD constexpr int unroll(Op op) { return num_teachers(op) == 0 ? 4 : 2; }
+
+// ---- conversions and memory access ---------------------------------------------------
+
+UE_HD float half_to_float(uint16_t h) {
+#if defined(__CUDACC__)
+  __half_raw r;
+  r.x = h;
+  return __half2float(__half(r));
+#else
+  _Float16 x;
+  std::memcpy(&x, &h, sizeof x);
+  return static_cast<float>(x);
+#endif
+}
+
+UE_HD uint16_t float_to_half(float f) {
+#if defined(__CUDACC__)
+  const __half_raw r = __half_raw(__float2half_rn(f));
+  return r.x;
+#else
+  const _Float16 x = static_cast<_Float16>(f);
+  uint16_t h;
+  std::memcpy(&h, &x, sizeof h);
+  return h;
+#endif
+}
+
+struct alignas(16) Raw16 {
+  uint32_t w[4];
+};
+
+// Element i of a 16-byte vector of path P, as float, and its inverse.
+template <Path P>
+UE_HD float vec_get(const Raw16& r, int i) {
+  if constexpr (P == Path::kFloat32) {
+    return bits_to_float(r.w[i]);
+  } else {
+    const uint16_t b = static_cast<uint16_t>(r.w[i >> 1] >> ((i & 1) * 16));
+    return P == Path::kBFloat16 ? bf16_to_float(b) : half_to_float(b);
+  }
+}
+template <Path P>
+UE_HD void vec_set(Raw16& r, int i, float x) {  // r starts zeroed
+  if constexpr (P == Path::kFloat32) {
+    r.w[i] = float_to_bits(x);
+  } else {
+    const uint16_t b = P == Path::kBFloat16 ? float_to_bf16(x) : float_to_half(x);
+    r.w[i >> 1] |= static_cast<uint32_t>(b) << ((i & 1) * 16);
+  }
+}
+
+// 16-byte load for pass 1, cached in L2 only (pass 2 may read it again from there).
+UE_HD Raw16 load16(const void* p) {
+#if defined(__CUDA_ARCH__)
+  const uint4 v = __ldcg(static_cast<const uint4*>(p));
+  return Raw16{{v.x, v.y, v.z, v.w}};
+#else
+  Raw16 r;
+  std::memcpy(&r, p, sizeof r);
+  return r;
+#endif
+}
+// Last read of the data (pass 2, backward): evict-first, so that it leaves L2 to the rows
+// that other blocks are about to re-read. Never the non-coherent path: the gradient may
+// be written over these very addresses.
+UE_HD Raw16 load16_last(const void* p) {
+#if defined(__CUDA_ARCH__)
+  const uint4 v = __ldcs(static_cast<const uint4*>(p));
+  return Raw16{{v.x, v.y, v.z, v.w}};
+#else
+  return load16(p);
+#endif
+}
+// Gradient stores stream past L2 for the same reason.
+UE_HD void store16(void* p, const Raw16& r) {
+#if defined(__CUDA_ARCH__)
+  __stcs(static_cast<uint4*>(p), make_uint4(r.w[0], r.w[1], r.w[2], r.w[3]));
+#else
+  std::memcpy(p, &r, sizeof r);
+#endif
+}
+
+UE_HD char* elem_ptr(const RowView& v, int64_t off) {
+  return static_cast<char*>(v.data) + off * dtype_bytes(v.dtype);
+}
+// The same where the dtype is the vector path's (known at compile time).
+template <Path P>
+UE_HD char* vec_ptr(const RowView& v, int64_t off) {
+  return static_cast<char*>(v.data) + off * path_bytes(P);
+}
+
+// One element of any dtype, in the compute type T.
+template <typename T>
+UE_HD T load_elem(const RowView& v, int64_t off) {
+  const void* p = elem_ptr(v, off);
+  switch (v.dtype) {
+    case DType::kFloat32: return static_cast<T>(*static_cast<const float*>(p));
+    case DType::kBFloat16: return static_cast<T>(bf16_to_float(*static_cast<const uint16_t*>(p)));
+    case DType::kFloat16: return static_cast<T>(half_to_float(*static_cast<const uint16_t*>(p)));
+    default: return static_cast<T>(*static_cast<const double*>(p));
+  }
+}
+
+template <typename T>
+UE_HD void store_elem(const RowView& v, int64_t off, T x) {
+  void* p = elem_ptr(v, off);
+  switch (v.dtype) {
+    case DType::kFloat32: *static_cast<float*>(p) = static_cast<float>(x); break;
+    case DType::kBFloat16: *static_cast<uint16_t*>(p) = float_to_bf16(static_cast<float>(x)); break;
+    case DType::kFloat16: *static_cast<uint16_t*>(p) = float_to_half(static_cast<float>(x)); break;
+    default: *static_cast<double*>(p) = static_cast<double>(x); break;
+  }
+}
+
+// ---- math functions handed to row_math.h ------------------------------------------------
+
+// exp of every element: the hardware's ex2.approx on x·log2(e) (a few ulp where the result
+// matters: row_math.h only takes exp of differences to a maximum). The host build mimics
+// it (same float product, subnormal results flushed) so that the emulator sees its errors.
+struct FastExp {
+  UE_HDM float operator()(float x) const {
+#if defined(__CUDA_ARCH__)
+    return __expf(x);
+#else
+    const float y = std::exp2(x * 1.44269504088896341f);
+    return y < FLT_MIN ? 0.0f : y;
+#endif
+  }
+  UE_HDM double operator()(double x) const { return ::exp(x); }
+};
+// Once per row: the precise functions.
+struct Exp {
+  UE_HDM float operator()(float x) const { return ::expf(x); }
+  UE_HDM double operator()(double x) const { return ::exp(x); }
+};
+struct Log {
+  UE_HDM float operator()(float x) const { return ::logf(x); }
+  UE_HDM double operator()(double x) const { return ::log(x); }
+};
+struct Log1p {
+  UE_HDM float operator()(float x) const { return ::log1pf(x); }
+  UE_HDM double operator()(double x) const { return ::log1p(x); }
+};
+struct Expm1 {
+  UE_HDM float operator()(float x) const { return ::expm1f(x); }
+  UE_HDM double operator()(double x) const { return ::expm1(x); }
+};
+
+// ---- one row --------------------------------------------------------------------------
+
+template <typename T>
+struct Params {
+  T inv_temperature, alpha, gamma;
+};
+
+template <typename T>
+UE_HD Params<T> params_of(const RowArgs& a) {
+  return Params<T>{static_cast<T>(a.inv_temperature), static_cast<T>(a.alpha), static_cast<T>(a.gamma)};
+}
+
+// Where row r lies in each tensor and which of its elements go as vectors.
+struct RowPlan {
+  int64_t off[4];     // element offset of the row in student, teacher, teacher2, grad
+  int64_t label;      // the row's label, or -1 (none, or outside [0, V))
+  int64_t vec_begin;  // first element of the vectorised part
+  int64_t nvec;       // its length in 16-byte vectors (0: every element goes one by one)
+};
+
+UE_HD bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// uses_grad: the pass writes the gradient (its alignment then counts too).
+template <Op op, Path P>
+UE_HD RowPlan plan_row(const RowArgs& a, int64_t r, bool uses_grad) {
+  // All views of a launch share inner_rows (launch_config checks); split r once, with a
+  // 32-bit division where it fits (a 64-bit one costs ~70 instructions on the GPU).
+  const int64_t n = a.student.inner_rows;
+  int64_t outer, inner;
+  if (((r | n) >> 31) == 0) {
+    outer = static_cast<uint32_t>(r) / static_cast<uint32_t>(n);
+    inner = r - outer * n;
+  } else {
+    outer = r / n;
+    inner = r - outer * n;
+  }
+  RowPlan p;
+  p.off[0] = row_offset(a.student, outer, inner);
+  p.off[1] = num_teachers(op) >= 1 ? row_offset(a.teacher, outer, inner) : 0;
+  p.off[2] = num_teachers(op) >= 2 ? row_offset(a.teacher2, outer, inner) : 0;
+  p.off[3] = uses_grad ? row_offset(a.grad, outer, inner) : 0;
+  p.label = row_label(a, r);
+  p.vec_begin = 0;
+  p.nvec = 0;
+  if constexpr (P != Path::kScalar) {
+    constexpr int B = path_bytes(P);
+    const uintptr_t addr = reinterpret_cast<uintptr_t>(elem_ptr(a.student, p.off[0]));
+    const uintptr_t head = (16u - (addr & 15u)) & 15u;  // bytes to the next 16-byte boundary
+    if (head % B == 0) {
+      const int64_t h = static_cast<int64_t>(head / B) < a.vocab ? static_cast<int64_t>(head / B) : a.vocab;
+      bool ok = true;
+      if (num_teachers(op) >= 1) ok = ok && aligned16(elem_ptr(a.teacher, p.off[1] + h));
+      if (num_teachers(op) >= 2) ok = ok && aligned16(elem_ptr(a.teacher2, p.off[2] + h));
+      if (uses_grad) ok = ok && aligned16(elem_ptr(a.grad, p.off[3] + h));
+      if (ok) {
+        p.vec_begin = h;
+        p.nvec = (a.vocab - h) / vec_elems(P);
+      }
+    }
+  }
+  return p;
+}
+
+// The elements that go one by one: [0, vec_begin) and [vec_end, V), numbered 0.. .
+UE_HD int64_t scalar_count(const RowPlan& p, int64_t vocab, int n_per_vec) {
+  return vocab - p.nvec * n_per_vec;
+}
+UE_HD int64_t scalar_index(const RowPlan& p, int64_t i, int n_per_vec) {
+  return i < p.vec_begin ? i : i + p.nvec * n_per_vec;
+}
+
+// A thread's 16-byte vectors of one tile, per input tensor (student, teacher, teacher2).
+template <Op op, Path P>
+struct Tile {
+  static constexpr int kInputs = 1 + num_teachers(op);
+  static constexpr int kUnroll = unroll(op);
+  Raw16 v[kInputs][kUnroll];
+};
+
+// Loads the thread's vectors of the tile starting at vector `start` (all loads issued
+// before any is used).
+template <Op op, Path P, bool last_read>
+UE_HD void load_tile(const RowArgs& a, const RowPlan& p, int64_t start, int tid, int nthreads, Tile<op, P>& tile) {
+  constexpr int N = vec_elems(P);
+  const RowView* views[3] = {&a.student, &a.teacher, &a.teacher2};
+  UE_UNROLL
+  for (int u = 0; u < Tile<op, P>::kUnroll; ++u) {
+    const int64_t v = start + static_cast<int64_t>(u) * nthreads + tid;
+    if (v < p.nvec) {
+      UE_UNROLL
+      for (int k = 0; k < Tile<op, P>::kInputs; ++k) {
+        const void* ptr = vec_ptr<P>(*views[k], p.off[k] + p.vec_begin + v * N);
+        tile.v[k][u] = last_read ? load16_last(ptr) : load16(ptr);
+      }
+    }
+  }
+}
+
+// Student and teacher logits of one vector (or element), divided by the temperature;
+// the teacher built from its raw inputs first (RKLD; UnDIAL's gamma at the label).
+template <Op op, typename T, Path P>
+UE_HD void unpack(const Tile<op, P>& tile, int u, int64_t j0, int64_t label, const Params<T>& q,
+                  T (&s)[vec_elems(P)], T (&t)[vec_elems(P)]) {
+  UE_UNROLL
+  for (int e = 0; e < vec_elems(P); ++e) {
+    s[e] = static_cast<T>(vec_get<P>(tile.v[0][u], e)) * q.inv_temperature;
+    if constexpr (num_teachers(op) >= 1) {
+      const T t1 = static_cast<T>(vec_get<P>(tile.v[1][u], e));
+      T t2 = T(0);
+      if constexpr (num_teachers(op) >= 2) t2 = static_cast<T>(vec_get<P>(tile.v[2][u], e));
+      t[e] = teacher_logit<op, T>(t1, t2, j0 + e == label, q.alpha, q.gamma) * q.inv_temperature;
+    } else {
+      t[e] = s[e];  // no teacher: unused
+    }
+  }
+}
+
+template <Op op, typename T>
+UE_HD void load_one(const RowArgs& a, const RowPlan& p, int64_t j, const Params<T>& q, T (&s)[1], T (&t)[1]) {
+  s[0] = load_elem<T>(a.student, p.off[0] + j) * q.inv_temperature;
+  if constexpr (num_teachers(op) >= 1) {
+    const T t1 = load_elem<T>(a.teacher, p.off[1] + j);
+    const T t2 = num_teachers(op) >= 2 ? load_elem<T>(a.teacher2, p.off[2] + j) : T(0);
+    t[0] = teacher_logit<op, T>(t1, t2, j == p.label, q.alpha, q.gamma) * q.inv_temperature;
+  } else {
+    t[0] = s[0];
+  }
+}
+
+// Adds n consecutive elements (from j0) to a thread's state: maxima first, the state moved
+// to them, then the sums. The token ops count the label in the maximum but not in ss.
+template <Op op, typename T, int n>
+UE_HD void accumulate(RowState<T>& st, const T (&s)[n], const T (&t)[n], int64_t j0, int64_t label) {
+  T ms = st.ms, mt = st.mt;
+  UE_UNROLL
+  for (int e = 0; e < n; ++e) {
+    ms = s[e] > ms ? s[e] : ms;  // NaN never wins: it reaches the sums instead
+    if constexpr (num_teachers(op) >= 1) mt = t[e] > mt ? t[e] : mt;
+  }
+  if (ms != st.ms || mt != st.mt) rescale<op>(st, ms, mt, FastExp{});
+  const T ms0 = safe_max(ms), mt0 = safe_max(mt);
+  UE_UNROLL
+  for (int e = 0; e < n; ++e) {
+    T es = FastExp{}(s[e] - ms0);
+    if constexpr (reads_label_logit(op)) es = j0 + e == label ? T(0) : es;
+    st.ss += es;
+    if constexpr (num_teachers(op) >= 1) {
+      const T et = FastExp{}(t[e] - mt0);
+      st.st += et;
+      st.acc += acc_term<op, T>(s[e], t[e], es, et, ms0, mt0);
+    }
+  }
+}
+
+// Calls f(s, t, j0) for each of the thread's vectors in the tile at vector `start`
+// (already in `tile`): its logits divided by the temperature, teacher built, first element j0.
+template <Op op, typename T, Path P, typename F>
+UE_HD void for_tile(const Tile<op, P>& tile, const RowPlan& p, const Params<T>& q, int64_t start, int tid,
+                    int nthreads, F&& f) {
+  constexpr int N = vec_elems(P);
+  UE_UNROLL
+  for (int u = 0; u < Tile<op, P>::kUnroll; ++u) {
+    const int64_t v = start + static_cast<int64_t>(u) * nthreads + tid;
+    if (v < p.nvec) {
+      T s[N], t[N];
+      const int64_t j0 = p.vec_begin + v * N;
+      unpack<op, T, P>(tile, u, j0, p.label, q, s, t);
+      f(s, t, j0);
+    }
+  }
+}
+
+// Calls f(s, t, j) (one-element arrays) for each of the thread's elements outside vectors.
+template <Op op, typename T, Path P, typename F>
+UE_HD void for_scalars(const RowArgs& a, const RowPlan& p, const Params<T>& q, int tid, int nthreads, F&& f) {
+  const int64_t count = scalar_count(p, a.vocab, vec_elems(P));
+  for (int64_t i = tid; i < count; i += nthreads) {
+    const int64_t j = scalar_index(p, i, vec_elems(P));
+    T s[1], t[1];
+    load_one<op, T>(a, p, j, q, s, t);
+    f(s, t, j);
+  }
+}
+
+// Whether the row fits in registers: one tile of vectors (each thread holds all of its
+// vectors) and no more than a vector's worth of elements around them. Such a row takes
+// its maxima first and its sums after (thread_max, block maxima, thread_sums): nothing
+// is rescaled, so the sums are exactly those of a pass with known maxima, as in the CPU
+// kernels' blocks (a KL gradient of a row that one token dominates then cancels exactly).
+// Longer rows are read once with online rescaling (thread_state).
+template <Op op, Path P>
+UE_HD bool fits_registers(const RowPlan& p, int64_t vocab, int nthreads) {
+  return P != Path::kScalar && p.nvec <= static_cast<int64_t>(nthreads) * unroll(op) &&
+         scalar_count(p, vocab, vec_elems(P)) < 2 * vec_elems(P);
+}
+
+// A row that fits in registers, pass 1a: loads the thread's tile; the thread's maxima.
+template <Op op, typename T, Path P>
+UE_HD void thread_max(const RowArgs& a, const RowPlan& p, const Params<T>& q, int tid, int nthreads,
+                      Tile<op, P>& tile, T& ms, T& mt) {
+  ms = neg_inf<T>();
+  mt = neg_inf<T>();
+  auto add = [&](const auto& s, const auto& t, int64_t) {
+    UE_UNROLL
+    for (int e = 0; e < static_cast<int>(sizeof(s) / sizeof(s[0])); ++e) {
+      ms = s[e] > ms ? s[e] : ms;
+      if constexpr (num_teachers(op) >= 1) mt = t[e] > mt ? t[e] : mt;
+    }
+  };
+  load_tile<op, P, false>(a, p, 0, tid, nthreads, tile);
+  for_tile<op, T, P>(tile, p, q, 0, tid, nthreads, add);
+  for_scalars<op, T, P>(a, p, q, tid, nthreads, add);
+}
+
+// Pass 1b: the thread's sums with the row's maxima, from its tile.
+template <Op op, typename T, Path P>
+UE_HD RowState<T> thread_sums(const RowArgs& a, const RowPlan& p, const Params<T>& q, int tid, int nthreads,
+                              const Tile<op, P>& tile, T ms, T mt) {
+  RowState<T> st{ms, mt, T(0), T(0), T(0)};
+  auto add = [&](const auto& s, const auto& t, int64_t j0) { accumulate<op, T>(st, s, t, j0, p.label); };
+  for_tile<op, T, P>(tile, p, q, 0, tid, nthreads, add);
+  for_scalars<op, T, P>(a, p, q, tid, nthreads, add);
+  return st;
+}
+
+// Pass 1 of a longer row: the thread's state over its share, online. Leaves the thread's
+// last tile in `tile` for pass 2.
+template <Op op, typename T, Path P>
+UE_HD RowState<T> thread_state(const RowArgs& a, const RowPlan& p, const Params<T>& q, int tid, int nthreads,
+                               Tile<op, P>& tile) {
+  RowState<T> st = empty_state<T>();
+  auto add = [&](const auto& s, const auto& t, int64_t j0) { accumulate<op, T>(st, s, t, j0, p.label); };
+  if constexpr (P != Path::kScalar) {
+    const int64_t step = static_cast<int64_t>(nthreads) * Tile<op, P>::kUnroll;
+    for (int64_t start = 0; start < p.nvec; start += step) {
+      load_tile<op, P, false>(a, p, start, tid, nthreads, tile);
+      for_tile<op, T, P>(tile, p, q, start, tid, nthreads, add);
+    }
+  }
+  for_scalars<op, T, P>(a, p, q, tid, nthreads, add);
+  return st;
+}
+
+// Once the block has merged its threads' states: the row's loss and statistics
+// (finalize), NaN for a row whose needed label is invalid.
+template <Op op, typename T>
+UE_HD T finish_row(const RowPlan& p, const RowState<T>& st, T s_label, T (&stats)[kNumStats]) {
+  const T value = finalize<op, T>(st, s_label, stats, Exp{}, Log{}, Log1p{});
+  return needs_label(op) && p.label < 0 ? T(NAN) : value;
+}
+
+// The student's logit at the label (token ops), read before pass 2 may overwrite the row.
+template <Op op, typename T>
+UE_HD T label_logit(const RowArgs& a, const RowPlan& p, const Params<T>& q) {
+  if (!reads_label_logit(op) || p.label < 0) return T(0);
+  return load_elem<T>(a.student, p.off[0] + p.label) * q.inv_temperature;
+}
+
+template <Op op, typename T>
+UE_HD T grad_at(T s, T t, int64_t j, int64_t label, const T (&stats)[kNumStats], T g) {
+  if constexpr (reads_label_logit(op)) {
+    if (j == label) return grad_at_label<op, T>(stats, g, Expm1{});
+  }
+  return grad_elem<op, T>(s, t, stats, g, FastExp{});
+}
+
+// Pass 2: writes the gradient of the thread's share of the row, g times d(loss)/d(logits)
+// (g includes 1/temperature), tiles in reverse order. tile_cached: `tile` still holds the
+// thread's last tile from pass 1.
+template <Op op, typename T, Path P>
+UE_HD void thread_grad(const RowArgs& a, const RowPlan& p, const Params<T>& q, int tid, int nthreads, T g,
+                       const T (&stats)[kNumStats], Tile<op, P>& tile, bool tile_cached) {
+  if constexpr (P != Path::kScalar) {
+    constexpr int N = vec_elems(P);
+    const int64_t step = static_cast<int64_t>(nthreads) * Tile<op, P>::kUnroll;
+    const int64_t last = p.nvec > 0 ? (p.nvec - 1) / step * step : -1;
+    for (int64_t start = last; start >= 0; start -= step) {
+      if (!(tile_cached && start == last)) load_tile<op, P, true>(a, p, start, tid, nthreads, tile);
+      for_tile<op, T, P>(tile, p, q, start, tid, nthreads, [&](const T (&s)[N], const T (&t)[N], int64_t j0) {
+        Raw16 out{{0u, 0u, 0u, 0u}};
+        UE_UNROLL
+        for (int e = 0; e < N; ++e)
+          vec_set<P>(out, e, static_cast<float>(grad_at<op, T>(s[e], t[e], j0 + e, p.label, stats, g)));
+        store16(vec_ptr<P>(a.grad, p.off[3] + j0), out);
+      });
+    }
+  }
+  for_scalars<op, T, P>(a, p, q, tid, nthreads, [&](const T (&s)[1], const T (&t)[1], int64_t j) {
+    store_elem<T>(a.grad, p.off[3] + j, grad_at<op, T>(s[0], t[0], j, p.label, stats, g));
+  });
+}
+
+// An ignored row's gradient: exactly zero.
+template <Path P>
+UE_HD void thread_zero_grad(const RowArgs& a, const RowPlan& p, int tid, int nthreads) {
+  constexpr int N = vec_elems(P);
+  if constexpr (P != Path::kScalar) {
+    for (int64_t v = tid; v < p.nvec; v += nthreads)
+      store16(vec_ptr<P>(a.grad, p.off[3] + p.vec_begin + v * N), Raw16{{0u, 0u, 0u, 0u}});
+  }
+  const int64_t count = scalar_count(p, a.vocab, N);
+  for (int64_t i = tid; i < count; i += nthreads) store_elem<float>(a.grad, p.off[3] + scalar_index(p, i, N), 0.0f);
+}
+
+// The gradient factor g of a row (upstream gradient times 1/temperature), NaN where the
+// needed label is invalid.
+template <Op op, typename T>
+UE_HD T row_grad_factor(const RowPlan& p, T g) {
+  return needs_label(op) && p.label < 0 ? T(NAN) : g;
+}
+
+}  // namespace cuda
+}  // namespace unlearn_ext

@@ -1,0 +1,179 @@
+"""What is particular to the Triton backend, beyond the shared suite (row_op_suite.py runs
+every op on it: on CUDA, or under TRITON_INTERPRET=1 in the second pytest run of
+`make test`):
+
+- every kernel compiles for an H100 (sm_90) with the shipped block table, without
+  register spills and with 64-bit row offsets: no GPU needed, so a kernel that only the
+  interpreter accepts cannot land;
+- the backend says why it cannot run (no GPU, no interpreter), refuses float64, reads
+  mixed student/teacher dtypes, and turns a label it should never see into NaN, never
+  into an out-of-bounds read.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+
+import unlearn_ext as ue
+from unlearn_ext import reference
+from unlearn_ext.ops._row_loss import RowParams
+
+import test_cross_entropy
+import test_forward_kl
+import test_reverse_kl
+import test_rkld
+import test_token_logprob
+import test_undial
+from conftest import KERNEL_BACKEND_DEVICES
+from row_op_suite import assert_elementwise, make_inputs, run
+
+triton = pytest.importorskip("triton", reason="Triton is not installed (it has no wheel for this platform)")
+
+from unlearn_ext.triton_kernels import KERNELS  # noqa: E402
+from unlearn_ext.triton_kernels.configs import gpu_config  # noqa: E402
+from unlearn_ext.triton_kernels.launch import INTERPRETED  # noqa: E402
+from unlearn_ext.triton_kernels.row_kernels import row_backward_kernel, row_forward_kernel  # noqa: E402
+from unlearn_ext.triton_kernels.row_math import NEEDS_LABEL, OP_CODES  # noqa: E402
+
+OPS = list(OP_CODES)
+SPECS = {suite.spec.name: suite.spec for suite in (  # modules, not classes: pytest would collect them again
+    test_token_logprob.TestTokenLogprob, test_cross_entropy.TestCrossEntropy, test_forward_kl.TestForwardKL,
+    test_reverse_kl.TestReverseKL, test_rkld.TestRKLD, test_undial.TestUnDIAL)}
+TRITON = [pytest.param(p, id=f"{p[0]}-{p[1]}") for p in KERNEL_BACKEND_DEVICES if p[0] == "triton"] or [
+    pytest.param(None, marks=pytest.mark.skip(reason="the triton backend cannot run in this process ("
+                                              + ue.backends()["triton"].detail + "); `make test` runs these "
+                                              "in its second, TRITON_INTERPRET=1 pass"))]
+
+
+# ---- compiled for an H100, without a GPU ------------------------------------------------------
+H100 = 9  # compute capability major
+VOCAB = 131072
+
+
+def _compile(kernel, constexprs, num_warps):
+    """The kernel compiled for sm_90: bf16 student and gradient, float32 teachers (mixed
+    dtypes), int32 scalars as Triton passes them."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    pointers = {"S": "*bf16", "T": "*fp32", "T2": "*fp32", "G": "*bf16", "LABELS": "*i64", "VALUES": "*fp32",
+                "STATS": "*fp32", "GRAD_ROWS": "*fp32"}
+    floats = ("inv_t", "alpha", "gamma", "grad_scale")
+    signature = {name: "constexpr" if name in constexprs else pointers.get(name, "fp32" if name in floats else "i32")
+                 for name in kernel.arg_names}
+    return triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "enable_fp_fusion": True})
+
+
+def _local_memory_bytes(cubin: bytes) -> int:
+    """Bytes of local memory (register spills) per thread, as cuobjdump reports them."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    found = re.findall(r"LOCAL:(\d+)", out)
+    assert found, f"cuobjdump printed no resource usage: {out!r}"
+    return max(int(x) for x in found)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="TRITON_INTERPRET=1: the kernels are interpreted, there is nothing to compile")
+@pytest.mark.parametrize("op", OPS)
+def test_kernels_compile_for_h100_without_spills(op):
+    common = dict(OP=OP_CODES[op], HAS_LABELS=True, NEEDS_LABEL=op in NEEDS_LABEL)
+    block, warps = gpu_config("forward", op, VOCAB, H100)
+    bblock, bwarps = gpu_config("backward", op, VOCAB, H100)
+    assert block < VOCAB and bblock < VOCAB, "a whole-row block spills registers on large vocabularies"
+    launches = [(row_forward_kernel, dict(common, WRITE_GRAD=False, BLOCK=block), warps),
+                (row_forward_kernel, dict(common, WRITE_GRAD=True, BLOCK=block), warps),
+                (row_backward_kernel, dict(common, BLOCK=bblock), bwarps)]
+    for kernel, constexprs, num_warps in launches:
+        compiled = _compile(kernel, constexprs, num_warps)
+        what = f"{kernel.__name__} {constexprs}"
+        assert _local_memory_bytes(compiled.asm["cubin"]) == 0, f"{what} spills registers"
+        # Row r starts at a 64-bit offset from each input's base (N * V may exceed 2^31).
+        ttir = compiled.asm["ttir"]
+        writes_grad = constexprs.get("WRITE_GRAD", True)
+        for base in ["S"] + ["G"] * writes_grad + ["T"] * (SPECS[op].teachers >= 1) + ["T2"] * (op == "rkld"):
+            name = f"(?:{base}|arg{kernel.arg_names.index(base)})"  # Triton < 3.6 numbers its arguments
+            offsets = re.findall(rf"tt\.addptr %{name}, %\S+ : !tt\.ptr<\w+>, (\w+)", ttir)
+            assert offsets and set(offsets) == {"i64"}, f"{what}: row offsets of {base} are {offsets}, not i64"
+
+
+# ---- backend behaviour ------------------------------------------------------------------------
+def test_unavailable_without_gpu_or_interpreter_says_why():
+    """On a machine without CUDA and without TRITON_INTERPRET=1 the backend reports itself
+    unavailable with the reason, and naming it raises that reason."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    code = ("import torch, unlearn_ext as ue\n"
+            "print(ue.backends()['triton'])\n"
+            "try:\n"
+            "    ue.cross_entropy(torch.randn(2, 5), torch.tensor([0, 1]), backend='triton')\n"
+            "except RuntimeError as e:\n"
+            "    print('raised:', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    status, raised = out.stdout.strip().splitlines()
+    assert status.startswith("unavailable") and "CUDA" in status and "TRITON_INTERPRET" in status, status
+    assert raised.startswith("raised:") and "triton" in raised and "TRITON_INTERPRET" in raised, raised
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_float64_is_refused_naming_logits(backend):
+    name, device = backend
+    logits = torch.randn(3, 9, dtype=torch.float64, device=device)
+    with pytest.raises(TypeError, match="logits"):
+        ue.cross_entropy(logits, torch.tensor([0, 1, 2], device=device), backend=name)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("op", ["forward_kl", "rkld", "undial"])
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16)],
+                         ids=["bf16-student", "fp16-teacher"])
+def test_mixed_student_and_teacher_dtypes(backend, op, dtypes, seed):
+    """Teachers are converted to float32 on load, whatever their dtype and the student's."""
+    name, device = backend
+    spec = SPECS[op]
+    logits, teachers, labels = make_inputs(spec, (5, 613), torch.float32, device)
+    logits, teachers = logits.to(dtypes[0]), [t.to(dtypes[1]) for t in teachers]
+    upstream = torch.randn(5, device=device)
+    out, grad = run(lambda *a, **k: spec(*a, backend=name, **k), logits, teachers, labels, "none", upstream)
+    ref_out, ref_grad = run(lambda x, t, y, **k: spec.reference(x, t, y), logits.double(),
+                            [t.double() for t in teachers], labels, "none", upstream.double())
+    assert grad.dtype == dtypes[0]
+    assert_elementwise(out, ref_out, torch.float32, f"{op} {dtypes} value", atol=1e-4)
+    assert_elementwise(grad, ref_grad, dtypes[0], f"{op} {dtypes} gradient", atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("op", OPS)
+def test_label_outside_the_vocabulary_gives_nan_in_its_row_only(backend, op, seed):
+    """The Python layer refuses such labels; a kernel called directly must still not read
+    out of bounds: ops that need the label give NaN in that row (value and gradient), the
+    others only use labels to skip ignored rows."""
+    name, device = backend
+    spec = SPECS[op]
+    logits, teachers, labels = make_inputs(spec, (4, 37), torch.float32, device, ignore_frac=0.0)
+    labels[1] = 37
+    labels[2] = -7
+    teachers = teachers + [None] * (2 - len(teachers))
+    params = RowParams(alpha=spec.params.get("alpha", 0.0), gamma=spec.params.get("gamma", 0.0))
+    values, stats = KERNELS.forward(op, logits, *teachers, labels, params)
+    grad = torch.full_like(logits, 7.0)
+    KERNELS.backward(op, logits, *teachers, labels, stats, torch.ones(4, device=device), params, grad)
+    bad = torch.tensor([False, True, True, False])
+    if op in NEEDS_LABEL:
+        assert torch.isnan(values[bad]).all() and torch.isnan(grad[bad]).all()
+    else:
+        assert torch.isfinite(values).all() and torch.isfinite(grad).all()
+    assert torch.isfinite(values[~bad]).all() and torch.isfinite(grad[~bad]).all()
+    expected = reference.ROW_OPS[op](logits[~bad].double(), *[t[~bad].double() for t in teachers if t is not None],
+                                     labels[~bad], **spec.params)
+    torch.testing.assert_close(values[~bad].double(), expected, rtol=2e-5, atol=1e-5)

@@ -1,0 +1,185 @@
+"""EUL's unlearning layers (arXiv 2310.20150): bottleneck adapters after every feed-forward
+block, their per-layer input Gram matrices, and their closed-form fusion.
+
+An unlearning layer maps the feed-forward block's output ``x`` to
+``x + W_up·relu(W_down·x + b_down) + b_up``; the up-projection starts at zero, so a fresh
+layer leaves the model unchanged. The layers live in one module attached to the model as
+``model.unlearning_layers`` (so DDP/FSDP and state dicts see their parameters) and act
+through forward hooks on each decoder layer's feed-forward module; ``disabled()``
+switches them off, which turns the student back into its own teacher.
+
+Fusion (the paper's sequential requests): adapters trained on separate forget sets are
+merged one linear layer at a time by solving
+``min_W Σ_i ‖X_i W − X_i W_i‖²``, i.e. ``W = (Σ_i X_iᵀX_i)⁻¹ Σ_i X_iᵀX_i W_i``, where
+``X_i`` holds that linear layer's inputs on forget set ``i`` (with a column of ones, so
+the bias is fused too). Only the Gram matrices ``X_iᵀX_i`` are kept, in float64. A ridge
+term ``ρ·mean(diag(ΣG))·I`` keeps the solve stable when some input direction never
+occurs (e.g. a ReLU unit that never fires); ρ = 0 gives the exact least-squares solution.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+ATTRIBUTE = "unlearning_layers"
+WEIGHTS_FILE = "unlearning_layers.safetensors"
+CONFIG_FILE = "unlearning_layers.json"
+_FEED_FORWARD_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
+
+
+class UnlearningLayer(torch.nn.Module):
+    """``x + up(relu(down(x)))`` with ``up`` initialised to zero."""
+
+    def __init__(self, hidden_size: int, bottleneck: int):
+        super().__init__()
+        self.down = torch.nn.Linear(hidden_size, bottleneck)
+        self.up = torch.nn.Linear(bottleneck, hidden_size)
+        torch.nn.init.zeros_(self.up.weight)
+        torch.nn.init.zeros_(self.up.bias)
+
+    def forward(self, x):
+        return x + self.up(F.relu(self.down(x)))
+
+
+class UnlearningLayers(torch.nn.Module):
+    """One unlearning layer per decoder layer, applied by hooks while ``enabled``."""
+
+    def __init__(self, hidden_size: int, bottleneck: int, num_layers: int):
+        super().__init__()
+        self.config = {"hidden_size": hidden_size, "bottleneck": bottleneck, "num_layers": num_layers}
+        self.layers = torch.nn.ModuleList(UnlearningLayer(hidden_size, bottleneck) for _ in range(num_layers))
+        self.enabled = True
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """The backbone alone (EUL's teacher)."""
+        before, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = before
+
+    def apply(self, index: int, output):
+        if not self.enabled:
+            return output
+        if isinstance(output, tuple):  # e.g. mixture-of-experts blocks return (hidden, router logits)
+            return (self.layers[index](output[0]), *output[1:])
+        return self.layers[index](output)
+
+
+def feed_forward_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The feed-forward module of each decoder layer of a Hugging Face causal LM."""
+    num_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers:
+            blocks = [next((getattr(layer, n) for n in _FEED_FORWARD_NAMES if hasattr(layer, n)), None)
+                      for layer in module]
+            if all(b is not None for b in blocks):
+                return blocks
+    raise ValueError(f"cannot find the feed-forward block ({', '.join(_FEED_FORWARD_NAMES)}) of each decoder "
+                     f"layer of {type(model).__name__}")
+
+
+def attach_unlearning_layers(model: torch.nn.Module, bottleneck: int) -> UnlearningLayers:
+    """Add fresh unlearning layers to ``model`` (in place) and return them."""
+    if hasattr(model, ATTRIBUTE):
+        raise ValueError("this model already has unlearning layers")
+    blocks = feed_forward_blocks(model)
+    reference = next(model.parameters())
+    layers = UnlearningLayers(model.config.hidden_size, bottleneck, len(blocks)).to(reference.device,
+                                                                                     reference.dtype)
+    setattr(model, ATTRIBUTE, layers)
+    for index, block in enumerate(blocks):
+        block.register_forward_hook(lambda module, inputs, output, i=index: layers.apply(i, output))
+    return layers
+
+
+def unlearning_layers(model: torch.nn.Module) -> UnlearningLayers | None:
+    return getattr(model, ATTRIBUTE, None)
+
+
+def is_adapter_key(key: str) -> bool:
+    """Whether a state-dict key belongs to the unlearning layers."""
+    return key.startswith(ATTRIBUTE + ".")
+
+
+def _linears(layers: UnlearningLayers):
+    for i, layer in enumerate(layers.layers):
+        yield f"layers.{i}.down", layer.down
+        yield f"layers.{i}.up", layer.up
+
+
+@torch.no_grad()
+def collect_grams(model: torch.nn.Module, layers: UnlearningLayers, batches) -> dict[str, torch.Tensor]:
+    """``X̃ᵀX̃`` (float64, CPU) of each linear layer's inputs over the non-padding tokens of
+    ``batches`` (dicts with ``input_ids`` and ``attention_mask``), ``X̃ = [X, 1]``."""
+    grams: dict[str, torch.Tensor] = {}
+    mask: dict[str, torch.Tensor] = {}
+
+    def record(name):
+        def hook(module, inputs):
+            x = inputs[0][mask["tokens"]].double()
+            x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+            gram = (x.T @ x).cpu()
+            grams[name] = grams[name] + gram if name in grams else gram
+        return hook
+
+    handles = [linear.register_forward_pre_hook(record(name)) for name, linear in _linears(layers)]
+    try:
+        for batch in batches:
+            mask["tokens"] = batch["attention_mask"].bool()
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return grams
+
+
+def fuse(states: list[dict[str, torch.Tensor]], grams: list[dict[str, torch.Tensor]],
+         ridge: float = 1e-4) -> dict[str, torch.Tensor]:
+    """Merge unlearning layers trained on separate forget sets (``states[i]`` is the
+    ``state_dict()`` of request i's :class:`UnlearningLayers`, ``grams[i]`` its
+    :func:`collect_grams`): ``W = (ΣG_i + ρ̃I)⁻¹ Σ G_i W̃_i`` per linear layer, where
+    ``W̃ = [Wᵀ; b]`` and ρ̃ = ``ridge``·mean(diag ΣG_i)."""
+    if not states or len(states) != len(grams):
+        raise ValueError(f"need one Gram dict per adapter state, got {len(states)} states and {len(grams)} grams")
+    fused = {}
+    for name in grams[0]:
+        total = sum(g[name] for g in grams)
+        rhs = 0
+        for state, gram in zip(states, grams):
+            stacked = torch.cat([state[f"{name}.weight"].double().T, state[f"{name}.bias"].double()[None]], dim=0)
+            rhs = rhs + gram[name] @ stacked
+        reg = ridge * total.diagonal().mean() * torch.eye(total.shape[0], dtype=total.dtype)
+        solution = torch.linalg.solve(total + reg, rhs)
+        dtype = states[0][f"{name}.weight"].dtype
+        fused[f"{name}.weight"] = solution[:-1].T.contiguous().to(dtype)
+        fused[f"{name}.bias"] = solution[-1].contiguous().to(dtype)
+    return fused
+
+
+def save_unlearning_layers(model: torch.nn.Module, directory: str | Path) -> None:
+    """Write the model's unlearning layers (if any) beside a saved backbone."""
+    layers = unlearning_layers(model)
+    if layers is None:
+        return
+    directory = Path(directory)
+    save_file({k: v.detach().cpu().contiguous() for k, v in layers.state_dict().items()},
+              str(directory / WEIGHTS_FILE))
+    (directory / CONFIG_FILE).write_text(json.dumps(layers.config))
+
+
+def load_unlearning_layers(model: torch.nn.Module, directory: str | Path) -> UnlearningLayers | None:
+    """Attach the unlearning layers saved in ``directory`` (None if there are none)."""
+    directory = Path(directory)
+    if not (directory / WEIGHTS_FILE).exists():
+        return None
+    config = json.loads((directory / CONFIG_FILE).read_text())
+    layers = attach_unlearning_layers(model, config["bottleneck"])
+    layers.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
+    return layers

@@ -1,0 +1,195 @@
+"""How a method's losses reach the LM head: the one seam between methods and the two loss paths.
+
+A method never calls a model or a loss op directly. It asks a *head* to run a model on one
+part of a batch (``head.run``) and gets :class:`Outputs`; it then asks the head for losses
+over those outputs (``head.cross_entropy(out)``, ``head.forward_kl(out, teacher)``, …).
+Two heads implement the same methods:
+
+- :class:`LogitsHead` runs the whole model and passes the materialised logits to
+  :mod:`unlearn_ext.ops` (always available; ``fused: false`` / ``--no-fused``).
+- :class:`FusedLinearHead` runs the model up to its last hidden state and passes
+  (hidden states, LM-head weight, bias) to ``unlearn_ext.fused_linear_<op>``, so the
+  ``[N, V]`` logits are never held (DESIGN.md, "Fused-linear variants"). It is the default
+  wherever those ops are installed (:func:`make_head`).
+
+Causal-LM shifting happens here, once: outputs hold positions ``[:, :-1]`` of the model
+(views, no copy) and ``labels[:, 1:]``, so position t predicts label t.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .. import ops
+from ..reference import IGNORE_INDEX
+
+
+@dataclass
+class Outputs:
+    """A model's outputs on one batch part, shifted so that position t predicts ``labels[:, t]``.
+
+    ``logits`` [B, T-1, V] (logits head), ``hidden`` [B, T-1, H] last hidden state (fused
+    head always; logits head when asked), ``weight``/``bias``/``softcap`` the LM head
+    (fused head).
+    """
+    labels: torch.Tensor
+    logits: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    softcap: float | None = None
+
+    @property
+    def answer_mask(self) -> torch.Tensor:
+        """[B, T-1] True where the position predicts an answer token."""
+        return self.labels != IGNORE_INDEX
+
+
+class LogitsHead:
+    """Materialised logits: the model's own forward, then :mod:`unlearn_ext.ops`."""
+
+    name = "logits"
+
+    def __init__(self, backend: str | None = None):
+        self.backend = backend
+
+    def run(self, model, part: dict, *, hidden: bool = False) -> Outputs:
+        out = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"], output_hidden_states=hidden,
+                    use_cache=False)
+        return Outputs(labels=part["labels"][:, 1:], logits=out.logits[:, :-1],
+                       hidden=out.hidden_states[-1][:, :-1] if hidden else None)
+
+    # Row ops (mean over answer tokens).
+    def cross_entropy(self, out: Outputs) -> torch.Tensor:
+        return ops.cross_entropy(out.logits, out.labels, backend=self.backend)
+
+    def forward_kl(self, out: Outputs, teacher: Outputs) -> torch.Tensor:
+        """KL(teacher ‖ student) over the answer tokens."""
+        return ops.forward_kl(out.logits, teacher.logits, out.labels, backend=self.backend)
+
+    def reverse_kl(self, out: Outputs, teacher: Outputs) -> torch.Tensor:
+        """KL(student ‖ teacher) over the answer tokens."""
+        return ops.reverse_kl(out.logits, teacher.logits, out.labels, backend=self.backend)
+
+    def rkld(self, out: Outputs, original: Outputs, augmented: Outputs, *, alpha: float) -> torch.Tensor:
+        return ops.rkld(out.logits, original.logits, augmented.logits, out.labels, alpha=alpha, backend=self.backend)
+
+    def undial(self, out: Outputs, teacher: Outputs, *, gamma: float) -> torch.Tensor:
+        return ops.undial(out.logits, teacher.logits, out.labels, gamma=gamma, backend=self.backend)
+
+    # Sequence losses.
+    def sequence_logprob(self, out: Outputs) -> tuple[torch.Tensor, torch.Tensor]:
+        return ops.sequence_logprob(out.logits, out.labels, backend=self.backend)
+
+    def ga_loss(self, out: Outputs) -> torch.Tensor:
+        return ops.ga_loss(out.logits, out.labels, backend=self.backend)
+
+    def retain_loss(self, out: Outputs, reference: Outputs | None = None) -> torch.Tensor:
+        return ops.retain_loss(out.logits, out.labels, None if reference is None else reference.logits,
+                               backend=self.backend)
+
+    def npo_loss(self, out: Outputs, ref_logprob: torch.Tensor, *, beta: float) -> torch.Tensor:
+        return ops.npo_loss(out.logits, out.labels, ref_logprob, beta=beta, backend=self.backend)
+
+    def simnpo_loss(self, out: Outputs, *, beta: float, delta: float) -> torch.Tensor:
+        return ops.simnpo_loss(out.logits, out.labels, beta=beta, delta=delta, backend=self.backend)
+
+
+def _fused_api():
+    """(unlearn_ext with its fused_linear_* losses, unlearn_ext.models.lm_head_inputs), or
+    None when this install does not have them."""
+    import importlib
+
+    import unlearn_ext
+    try:
+        lm_head_inputs = importlib.import_module("unlearn_ext.models").lm_head_inputs
+    except (ImportError, AttributeError):
+        return None
+    return (unlearn_ext, lm_head_inputs) if hasattr(unlearn_ext, "fused_linear_cross_entropy") else None
+
+
+class FusedLinearHead(LogitsHead):
+    """Hidden states + LM-head weight into ``unlearn_ext.fused_linear_<op>``: no [N, V] logits.
+
+    ``run`` takes the model's LM-head inputs with ``unlearn_ext.models.lm_head_inputs``
+    (hidden states [B, T, H], weight, bias, softcap); the hidden states stay unshifted
+    and the labels are shifted with ``shift_labels`` (last position ignored), so nothing
+    the size of the hidden states is copied. Teachers go to the losses as ``LMHeadInputs``.
+
+    Single process only for now: ``lm_head_inputs`` runs the unwrapped base model, which
+    would bypass DDP's gradient synchronisation (and FSDP's unsharding of the head), so the
+    trainer refuses this head in multi-process runs. Wiring it: run ``lm_head_inputs``
+    inside the wrapped module's forward (a small module around the student whose forward
+    returns the ``LMHeadInputs``, wrapped by accelerate instead of the bare model).
+    """
+
+    name = "fused"
+
+    def __init__(self, backend: str | None = None):
+        super().__init__(backend)
+        api = _fused_api()
+        if api is None:
+            raise RuntimeError("the fused-linear losses are not installed in this build of unlearn_ext; "
+                               "use the logits path (fused: false / --no-fused)")
+        self.ue, self.lm_head_inputs = api
+
+    def run(self, model, part: dict, *, hidden: bool = True) -> Outputs:
+        head = self.lm_head_inputs(model, part["input_ids"], part["attention_mask"])
+        return Outputs(labels=self.ue.shift_labels(part["labels"]), hidden=head.hidden, weight=head.weight,
+                       bias=head.bias, softcap=head.softcap)
+
+    def _head(self, out: Outputs):
+        return self.ue.LMHeadInputs(out.hidden, out.weight, out.bias, out.softcap)
+
+    def _kw(self, out: Outputs) -> dict:
+        return {"bias": out.bias, "softcap": out.softcap, "backend": self.backend}
+
+    def cross_entropy(self, out):
+        return self.ue.fused_linear_cross_entropy(out.hidden, out.weight, out.labels, **self._kw(out))
+
+    def forward_kl(self, out, teacher):
+        return self.ue.fused_linear_forward_kl(out.hidden, out.weight, self._head(teacher), out.labels,
+                                               **self._kw(out))
+
+    def reverse_kl(self, out, teacher):
+        return self.ue.fused_linear_reverse_kl(out.hidden, out.weight, self._head(teacher), out.labels,
+                                               **self._kw(out))
+
+    def rkld(self, out, original, augmented, *, alpha):
+        return self.ue.fused_linear_rkld(out.hidden, out.weight, self._head(original), self._head(augmented),
+                                         out.labels, alpha=alpha, **self._kw(out))
+
+    def undial(self, out, teacher, *, gamma):
+        return self.ue.fused_linear_undial(out.hidden, out.weight, self._head(teacher), out.labels, gamma=gamma,
+                                           **self._kw(out))
+
+    def sequence_logprob(self, out):
+        return self.ue.fused_linear_sequence_logprob(out.hidden, out.weight, out.labels, **self._kw(out))
+
+    def ga_loss(self, out):
+        return self.ue.fused_linear_ga(out.hidden, out.weight, out.labels, **self._kw(out))
+
+    def retain_loss(self, out, reference=None):
+        ref = None if reference is None else self._head(reference)
+        return self.ue.fused_linear_retain(out.hidden, out.weight, out.labels, ref, **self._kw(out))
+
+    def npo_loss(self, out, ref_logprob, *, beta):
+        return self.ue.fused_linear_npo(out.hidden, out.weight, out.labels, ref_logprob, beta=beta, **self._kw(out))
+
+    def simnpo_loss(self, out, *, beta, delta):
+        return self.ue.fused_linear_simnpo(out.hidden, out.weight, out.labels, beta=beta, delta=delta,
+                                           **self._kw(out))
+
+
+def fused_available() -> bool:
+    return _fused_api() is not None
+
+
+def make_head(fused: bool | None = None, backend: str | None = None) -> LogitsHead:
+    """``fused=None``: the fused-linear path where installed (single-process runs, see
+    FusedLinearHead's note), else logits; True forces it (an error if missing); False: logits."""
+    if fused is None:
+        fused = fused_available() and int(os.environ.get("WORLD_SIZE", "1")) == 1
+    return FusedLinearHead(backend) if fused else LogitsHead(backend)

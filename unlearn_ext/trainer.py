@@ -1,0 +1,307 @@
+"""The training loop: one method, one student, AdamW, and nothing hidden.
+
+    method = get_method("npo")()
+    student = train(method, Models(student=model), TrainData(forget, retain, collator), TrainConfig(...))
+
+Per optimizer step: ``grad_accum`` micro-batches, each ``batch_size`` examples per process;
+the loss of each is divided by ``grad_accum`` and back-propagated (gradient sync only on
+the last); gradients are clipped, AdamW steps, the learning rate follows a linear warmup
+then a linear decay to 0.
+
+Every random draw is a pure function of (seed, what, step, …), never of a generator's
+history: the forget examples are walked in per-epoch permutations, micro-batch ``m`` of
+process ``r`` at step ``s`` takes slot ``(s·grad_accum + m)·world + r`` of that stream, and
+the retain examples of a slot are drawn from a generator seeded by the slot (so each
+process draws its own). Resuming needs no sampler or RNG state, and one process with
+``grad_accum = k`` walks exactly the batches of ``k`` processes with ``grad_accum = 1``.
+
+Distribution goes through ``accelerate``: run the same script under ``accelerate launch``
+or ``torchrun`` for DDP or FSDP. The student is wrapped for training; frozen models
+(reference, RKLD's augmented model) are only placed on the device, one full copy per
+process, never wrapped (DDP would try to sync them; under FSDP a replicated frozen model
+costs memory but no communication per step — see the README for the trade-off).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from tqdm.auto import tqdm
+
+from . import adapters, checkpoint
+from .methods.base import Method, Models, PrepareData
+
+
+@dataclass
+class TrainConfig:
+    """Training hyperparameters (the command line exposes each one)."""
+    output_dir: str | None = None      # checkpoints/, log.jsonl and model/ go here; None: keep nothing
+    lr: float = 1e-5
+    weight_decay: float = 0.01         # on matrices only (not on biases and norms)
+    betas: tuple[float, float] = (0.9, 0.999)
+    epochs: float = 5.0                # passes over the forget (or training) examples
+    max_steps: int | None = None       # overrides epochs
+    batch_size: int = 4                # examples per process per micro-batch
+    grad_accum: int = 1
+    warmup_ratio: float = 0.0          # fraction of the steps with a linear warmup
+    max_grad_norm: float | None = 1.0  # None or 0: no clipping
+    bf16: bool | None = None           # None: where the device supports it (CUDA with bf16); CPU: off
+    seed: int = 0
+    log_every: int = 1
+    save_every: int = 0                # steps between checkpoints; 0: only at the end
+    keep_checkpoints: int = 2
+    resume: bool = False               # continue from the newest checkpoint in output_dir
+    progress: bool = True
+    desc: str = "train"                # progress bar label
+
+
+@dataclass
+class TrainData:
+    """``examples`` are walked in epochs (the forget set, or the fine-tuning set);
+    ``retain`` examples are sampled per micro-batch when the method wants them."""
+    examples: Sequence[dict]
+    retain: Sequence[dict] | None = None
+    collate: Callable[[Sequence[dict]], dict] | None = None
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from any tuple of labels: independent streams without shared state."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _generator(*parts) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+class BatchPlan:
+    """Which examples micro-batch ``micro`` of process ``rank`` gets at step ``step``."""
+
+    def __init__(self, num_examples: int, num_retain: int, config: TrainConfig, world: int):
+        if num_examples == 0:
+            raise ValueError("no training examples")
+        self.n, self.n_retain, self.world, self.c = num_examples, num_retain, world, config
+        self.global_batch = config.batch_size * config.grad_accum * world
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def total_steps(self) -> int:
+        if self.c.max_steps:
+            return self.c.max_steps
+        return max(1, math.ceil(self.c.epochs * self.n / self.global_batch))
+
+    def _slot(self, step: int, micro: int, rank: int) -> int:
+        return (step * self.c.grad_accum + micro) * self.world + rank
+
+    def _position(self, position: int) -> int:
+        epoch, i = divmod(position, self.n)
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(self.n, generator=_generator(self.c.seed, "order", epoch))}
+        return int(self._perms[epoch][i])
+
+    def examples(self, step: int, micro: int, rank: int) -> list[int]:
+        start = self._slot(step, micro, rank) * self.c.batch_size
+        return [self._position(p) for p in range(start, start + self.c.batch_size)]
+
+    def retain(self, step: int, micro: int, rank: int) -> list[int]:
+        g = _generator(self.c.seed, "retain", self._slot(step, micro, rank))
+        return torch.randint(self.n_retain, (self.c.batch_size,), generator=g).tolist()
+
+    def epoch(self, step: int) -> float:
+        return step * self.global_batch / self.n
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warmup over ``warmup`` steps, then linear decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def make_optimizer(params: Sequence[torch.nn.Parameter], config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (biases, norms and scalars are not decayed)."""
+    decay = [p for p in params if p.dim() >= 2]
+    other = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=tuple(config.betas))
+
+
+def bf16_supported() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def make_accelerator(config: TrainConfig):
+    from accelerate import Accelerator
+    bf16 = bf16_supported() if config.bf16 is None else config.bf16
+    # Without an accelerator, accelerate only goes multi-process (gloo) when told it is on the CPU.
+    return Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not torch.accelerator.is_available())
+
+
+def _to_device(part: dict, device) -> dict:
+    return {k: v.to(device) for k, v in part.items()}
+
+
+def _log_line(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    """Drop log lines of steps after the checkpoint a run resumes from (a killed run
+    may have logged steps it never saved)."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= last_step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
+          *, callbacks: Sequence[Callable[[int, dict], None]] = ()) -> torch.nn.Module:
+    """Run ``method`` on ``models.student`` and return the trained (unwrapped) student.
+
+    With ``config.output_dir``: checkpoints under ``checkpoints/``, one JSON line per
+    logged step in ``log.jsonl``, and the final model in ``model/`` (Hugging Face format
+    for Hugging Face models). ``callbacks(step, record)`` run after every logged step.
+    """
+    acc = make_accelerator(config)
+    out = Path(config.output_dir) if config.output_dir else None
+    ckpt_root = out / "checkpoints" if out else None
+    resume_from = None
+    if ckpt_root is not None and checkpoint.list_checkpoints(ckpt_root):
+        if not config.resume:
+            raise ValueError(f"{out} already holds checkpoints: pass resume (--resume) to continue that run, "
+                             "or choose another output directory")
+        resume_from = checkpoint.list_checkpoints(ckpt_root)[-1]
+
+    if acc.num_processes > 1 and method.head.name == "fused":
+        raise ValueError("the fused-linear loss path is not wired for multi-process (DDP/FSDP) runs yet: "
+                         "use the logits path (fused: false / --no-fused)")
+    # One-off preparation, identical on every rank (same seed).
+    if method.needs_reference() and models.reference is None:
+        raise ValueError(f"method {method.name!r} needs a frozen reference model (Models.reference)")
+    if method.needs_retain() and not data.retain:
+        raise ValueError(f"method {method.name!r} needs retain examples")
+    for model in (models.student, models.reference, *models.extra.values()):
+        if model is not None:
+            model.to(acc.device)
+    torch.manual_seed(derive_seed(config.seed, "prepare"))
+    method.prepare(models, PrepareData(forget=data.examples, retain=data.retain, collate=data.collate,
+                                       train_config=config, seed=config.seed))
+    params = method.trainable_parameters()
+    if not params:
+        raise ValueError(f"method {method.name!r} left no trainable parameter")
+
+    optimizer = make_optimizer(params, config)
+    student, optimizer = acc.prepare(models.student, optimizer)
+    raw_optimizer = getattr(optimizer, "optimizer", optimizer)
+    params = [p for p in student.parameters() if p.requires_grad]  # FSDP replaces the parameter objects
+    models.student = student
+    if models.reference is not None:
+        models.reference = acc.prepare_model(models.reference, evaluation_mode=True)
+    models.extra = {k: acc.prepare_model(m, evaluation_mode=True) for k, m in models.extra.items()}
+
+    plan = BatchPlan(len(data.examples), len(data.retain or ()), config, acc.num_processes)
+    total = plan.total_steps()
+    warmup = int(config.warmup_ratio * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(raw_optimizer, lambda s: lr_factor(s, total, warmup))
+
+    start = 0
+    log_path = out / "log.jsonl" if out else None
+    run_facts = {"global_batch": plan.global_batch, "total_steps": total, "method": method.name}
+    if resume_from is not None:
+        state = checkpoint.read_state(resume_from)
+        for key, value in run_facts.items():
+            if state.get(key) != value:
+                raise ValueError(f"cannot resume from {resume_from}: its {key} is {state.get(key)!r}, "
+                                 f"this run's is {value!r}")
+        checkpoint.load_checkpoint(resume_from, student, raw_optimizer, scheduler)
+        start = state["step"]
+        if acc.is_main_process:
+            _truncate_log(log_path, start)
+    if out is not None and acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps({**asdict(config), **run_facts}, indent=1))
+
+    student.train()
+    bar = tqdm(total=total, initial=start, desc=config.desc, disable=not (config.progress and acc.is_main_process))
+    started = time.time()
+    for step in range(start, total):
+        torch.manual_seed(derive_seed(config.seed, "step", step, acc.process_index))  # dropout and the like
+        summed: dict[str, torch.Tensor] = {}
+        for micro in range(config.grad_accum):
+            batch = {method.primary: _to_device(data.collate(
+                [data.examples[i] for i in plan.examples(step, micro, acc.process_index)]), acc.device)}
+            if method.needs_retain():
+                batch["retain"] = _to_device(data.collate(
+                    [data.retain[i] for i in plan.retain(step, micro, acc.process_index)]), acc.device)
+            last = micro == config.grad_accum - 1
+            with contextlib.nullcontext() if last else acc.no_sync(student):
+                loss, logs = method.loss(batch)
+                acc.backward(loss / config.grad_accum)
+            for k, v in {"loss": loss.detach(), **logs}.items():
+                summed[k] = summed.get(k, 0.0) + v.float() / config.grad_accum
+        grad_norm = None
+        if config.max_grad_norm:
+            grad_norm = acc.clip_grad_norm_(params, config.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        if (step + 1) % config.log_every == 0 or step + 1 == total:
+            names = sorted(summed)
+            values = acc.reduce(torch.stack([summed[k] for k in names]), reduction="mean").tolist()
+            record = {"step": step + 1, "epoch": round(plan.epoch(step + 1), 4), "lr": lr,
+                      **dict(zip(names, values)), "elapsed_s": round(time.time() - started, 3)}
+            if grad_norm is not None:
+                record["grad_norm"] = float(grad_norm)
+            if acc.is_main_process:
+                if log_path is not None:
+                    _log_line(log_path, record)
+                bar.set_postfix(loss=f"{record['loss']:.4g}")
+            for callback in callbacks:
+                callback(step + 1, record)
+        bar.update(1)
+        if ckpt_root is not None and ((config.save_every and (step + 1) % config.save_every == 0)
+                                      or step + 1 == total):
+            checkpoint.save_checkpoint(ckpt_root, step + 1, student, raw_optimizer, scheduler,
+                                       is_main=acc.is_main_process, barrier=acc.wait_for_everyone,
+                                       extra=run_facts, keep=config.keep_checkpoints)
+    bar.close()
+    student.eval()
+    method.finish(out, is_main=acc.is_main_process)
+    if out is not None:
+        save_model(student, out / "model", acc)
+    models.student = acc.unwrap_model(student)
+    return models.student
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer, gathered on the CPU (collective under FSDP)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_model(model, directory: Path, acc) -> None:
+    """The final model, atomically, with Hugging Face ``save_pretrained`` (safetensors).
+    Unlearning layers (EUL) are saved beside the backbone by :mod:`unlearn_ext.adapters`,
+    not inside it, so the directory loads as the plain backbone too."""
+    state = full_state_dict(model)
+    if acc.is_main_process:
+        unwrapped = acc.unwrap_model(model)
+        tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        backbone = {k: v for k, v in state.items() if not adapters.is_adapter_key(k)}
+        unwrapped.save_pretrained(tmp, state_dict=backbone, safe_serialization=True)
+        adapters.save_unlearning_layers(unwrapped, tmp)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    acc.wait_for_everyone()
