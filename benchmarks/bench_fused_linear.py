@@ -218,7 +218,7 @@ def main(argv=None):
     p.add_argument("--chunk-size", type=int, help="rows per chunk (default: the library's choice)")
     p.add_argument("--backend", help="row-kernel backend of the fused losses (default: the fastest)")
     p.add_argument("--impls", default="eager,fused")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs (default: 3 on cpu, 10 on cuda; 0: memory only)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs (default: 3 on cpu, 5 on cuda; 0: memory only)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     a = p.parse_args(argv)
@@ -244,7 +244,7 @@ def main(argv=None):
                                   hidden=a.hidden or (4096 if gpu else 2048), vocab=vocab,
                                   dtype=a.dtype or ("bfloat16" if gpu else "float32"), seq_len=a.seq_len,
                                   chunk_size=a.chunk_size, backend=a.backend, warmup=a.warmup,
-                                  repeats=(10 if gpu else 3) if a.repeats is None else a.repeats)
+                                  repeats=(5 if gpu else 3) if a.repeats is None else a.repeats)
             rows.append(row_for(cfg, impls))
             print_row(rows[-1])
             write_json(path, rows, benchmark="fused_linear", impls=impls)  # after each row: a long run keeps its rows

@@ -12,10 +12,20 @@ import unlearn_ext as ue
 from unlearn_ext import reference
 from unlearn_ext.fused_linear import _chunked
 
-from conftest import BACKEND_DEVICES, backend_params
+from conftest import BACKEND_DEVICES
 
 IGNORE = -100
-BACKENDS = backend_params()
+# Triton's CPU interpreter (backend triton on CPU tensors, make test's second pass) runs
+# kernels in numpy: it gets the ops once (test_matches_reference, chunk 5, none and mean),
+# the compiled backends every test.
+INTERPRETED = ("triton", "cpu")
+
+
+def backend_id(pair):
+    return f"{pair[0]}-{pair[1]}"
+
+
+BACKENDS = [pytest.param(p, id=backend_id(p)) for p in BACKEND_DEVICES if p != INTERPRETED]
 
 
 @dataclass(frozen=True)
@@ -123,10 +133,14 @@ def dtype_for(backend):
     return torch.float64 if backend[0] in ("torch", "cpu") else torch.float32
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
-@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
-@pytest.mark.parametrize("chunk_size", [None, 1, 5, 64], ids=["default", "1", "5", "ge_N"])
+REFERENCE_CASES = [
+    pytest.param(backend, spec, reduction, chunk, id=f"{backend_id(backend)}-{spec.name}-{reduction}-chunk{chunk}")
+    for backend in BACKEND_DEVICES for spec in SPECS for reduction in ("none", "sum", "mean")
+    for chunk in (None, 1, 5, 64)
+    if backend != INTERPRETED or (chunk == 5 and reduction != "sum")]
+
+
+@pytest.mark.parametrize("backend,spec,reduction,chunk_size", REFERENCE_CASES)
 def test_matches_reference(backend, spec, reduction, chunk_size, seed):
     """Exact up to rounding; chunk sizes that do not divide the rows, 1, and larger than
     the rows; per-row upstream gradients for 'none'."""
@@ -194,7 +208,8 @@ def test_shifted_hidden_read_in_place(backend, seed):
     full hidden with shift_labels(labels) give the same loss and the same gradient."""
     name, device = backend
     spec = SPECS[1]
-    (hidden, weight, bias, _), _, labels = make_case(spec, lead=(3, 11), device=device)
+    dtype = dtype_for(backend)
+    (hidden, weight, bias, _), _, labels = make_case(spec, lead=(3, 11), device=device, dtype=dtype)
     shifted = ue.fused_linear_cross_entropy(hidden[:, :-1], weight, labels[:, 1:], bias=bias, backend=name,
                                             chunk_size=4)
     (g_shifted,) = torch.autograd.grad(shifted, hidden)
@@ -203,10 +218,9 @@ def test_shifted_hidden_read_in_place(backend, seed):
     (g_full,) = torch.autograd.grad(full, hidden)
     eager = ue.cross_entropy(F.linear(hidden, weight, bias)[:, :-1], labels[:, 1:], backend="torch")
     (g_eager,) = torch.autograd.grad(eager, hidden)
-    torch.testing.assert_close(shifted, eager, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(full, eager, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(g_shifted, g_eager, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(g_full, g_eager, rtol=1e-12, atol=1e-12)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for got, expected in ((shifted, eager), (full, eager), (g_shifted, g_eager), (g_full, g_eager)):
+        torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
     assert torch.all(g_full[:, -1] == 0), "the last position predicts nothing"
 
 
