@@ -221,6 +221,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed runs (default: 3 on cpu, 5 on cuda; 0: memory only)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--json", help="file name under --out (default: fused_linear_<device>_N<rows>_H<hidden>_<dtype>.json)")
     a = p.parse_args(argv)
     gpu = a.device == "cuda"
     if gpu and not torch.cuda.is_available():
@@ -232,7 +233,7 @@ def main(argv=None):
     os.makedirs(a.out, exist_ok=True)
     name = (f"fused_linear_{a.device}_N{a.rows or (16384 if gpu else 4096)}_H{a.hidden or (4096 if gpu else 2048)}_"
             f"{a.dtype or ('bfloat16' if gpu else 'float32')}.json")
-    path = os.path.join(a.out, name)
+    path = os.path.join(a.out, a.json or name)
     for vocab in vocabs:
         for loss in a.losses.split(","):
             if loss not in LOSSES:
