@@ -210,11 +210,10 @@ class FusedLinearLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, plan: ChunkPlan, objective):
         ctx.plan, ctx.objective = plan, objective
         needs = tuple(ctx.needs_input_grad[:3])
+        if objective is None:
+            ctx.save_for_backward(hidden, weight, bias)
+            return evaluate(plan, hidden, weight, bias, None)
         with _no_autocast(hidden.device):
-            if objective is None:
-                values, _ = run_chunks(plan, hidden, weight, bias, None)
-                ctx.save_for_backward(hidden, weight, bias)
-                return _per_row(plan.rows, values)
             values, grads = run_chunks(plan, hidden, weight, bias, objective.upstream, needs)
         ctx.grads = grads
         return objective(values)
@@ -237,6 +236,15 @@ class FusedLinearLoss(torch.autograd.Function):
                                       tuple(ctx.needs_input_grad[:3]))
         d_hidden = None if grads.hidden is None else grads.hidden.view(*plan.rows.lead_shape, grads.hidden.shape[-1])
         return d_hidden, grads.weight, grads.bias, None, None
+
+
+def evaluate(plan: ChunkPlan, hidden, weight, bias, objective):
+    """The loss without gradient work: per-row values (objective None) or objective(values).
+    What the Function's forward returns when no gradient is needed (e.g. under no_grad,
+    where autograd still reports needs_input_grad)."""
+    with _no_autocast(hidden.device), torch.no_grad():
+        values, _ = run_chunks(plan, hidden, weight, bias, None)
+    return _per_row(plan.rows, values) if objective is None else objective(values)
 
 
 def _no_autocast(device: torch.device):

@@ -8,7 +8,7 @@ import torch
 from .._backends import resolve
 from ..ops._checks import check_finite, check_reduction
 from ..ops._row_loss import RowParams
-from ._chunked import ChunkPlan, FusedLinearLoss, default_chunk_rows
+from ._chunked import ChunkPlan, FusedLinearLoss, default_chunk_rows, evaluate
 from ._inputs import LMHeadInputs, Rows, autocast_heads, check_fused_labels, check_head
 
 # Arranges the counted rows (flat row numbers, None = all rows in order) into a reading
@@ -103,4 +103,8 @@ def row_loss(op: str, hidden, weight, teachers, labels, *, bias, softcap, labels
 
 
 def apply(student: LMHeadInputs, plan: ChunkPlan, objective) -> torch.Tensor:
-    return FusedLinearLoss.apply(student.hidden, student.weight, student.bias, plan, objective)
+    """The loss: with a graph when a gradient can be asked for, else values only."""
+    differentiable = (x for x in (student.hidden, student.weight, student.bias) if x is not None)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in differentiable):
+        return FusedLinearLoss.apply(student.hidden, student.weight, student.bias, plan, objective)
+    return evaluate(plan, student.hidden, student.weight, student.bias, objective)
