@@ -42,7 +42,10 @@ struct Cpu {
     check_label_range(a);
     run_rows(a, cpu::kernels().forward);
   }
-  static void backward(const RowArgs& a) { run_rows(a, cpu::kernels().backward); }
+  static void backward(const RowArgs& a) {
+    check_label_range(a);
+    run_rows(a, cpu::kernels().backward);
+  }
 };
 
 }  // namespace

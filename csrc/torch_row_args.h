@@ -8,10 +8,13 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <string>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "common/row_args.h"
 
@@ -75,6 +78,7 @@ inline RowCall make_row_call(const std::string& op_name, const at::Tensor& logit
   a.alpha = alpha;
   a.gamma = gamma;
   TORCH_CHECK_VALUE(std::isfinite(inv_temperature) && inv_temperature > 0, "unlearn_ext: temperature must be positive and finite");
+  TORCH_CHECK_VALUE(std::isfinite(alpha) && std::isfinite(gamma), "unlearn_ext: alpha and gamma must be finite, got alpha=", alpha, ", gamma=", gamma);
 
   const int needed = num_teachers(a.op);
   const c10::optional<at::Tensor>* teachers[2] = {&teacher, &teacher2};
@@ -116,12 +120,31 @@ inline at::ScalarType compute_dtype(const at::Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Checks a gradient buffer (fresh, or the logits themselves when written in place).
+// True when no two rows of a tensor with unit stride on its last dimension share memory:
+// taken by increasing stride, each dimension's stride must clear the extent of the ones
+// inside it. (Sufficient, and exact for every layout slicing and expanding produce.)
+inline bool rows_disjoint(const at::Tensor& t) {
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the row dimensions
+  for (int64_t d = 0; d + 1 < t.dim(); ++d)
+    if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
+  std::sort(dims.begin(), dims.end());
+  int64_t extent = t.size(-1);
+  for (const auto& [stride, size] : dims) {
+    if (stride < extent) return false;
+    extent += stride * (size - 1);
+  }
+  return true;
+}
+
+// Checks a gradient buffer (fresh, or the logits themselves when written in place). Its
+// rows must not overlap: an expanded tensor would have one row written by several threads.
 inline RowView grad_view(const at::Tensor& grad, const at::Tensor& logits) {
   TORCH_CHECK_VALUE(grad.sizes() == logits.sizes(), "unlearn_ext: grad must have the shape of logits");
   TORCH_CHECK_TYPE(grad.scalar_type() == logits.scalar_type(), "unlearn_ext: grad must have the dtype of logits");
   TORCH_CHECK_VALUE(grad.device() == logits.device(), "unlearn_ext: grad must be on the device of logits");
-  return to_row_view(grad, "grad");
+  RowView v = to_row_view(grad, "grad");
+  TORCH_CHECK_VALUE(grad.numel() == 0 || rows_disjoint(grad), "unlearn_ext: grad has rows that share memory (an expanded or overlapping tensor, strides ", grad.strides(), "); each row needs its own memory");
+  return v;
 }
 
 // Allocates a forward's outputs (values, stats) and points the call at them; with a

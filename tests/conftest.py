@@ -9,6 +9,9 @@ import torch
 
 import unlearn_ext as ue
 
+# Totals of fuzz cases, bad inputs and faults tried, printed after the run.
+pytest_plugins = ["reliability_tally"]
+
 
 def _backend_devices():
     """(backend, device) pairs this machine can run, every available backend included."""

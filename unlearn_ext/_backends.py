@@ -157,12 +157,13 @@ def _runs_on(name: str, device: torch.device) -> str | None:
 def resolve(backend: str | None, device: torch.device):
     """The kernels for a call: None for the torch reference, else an object with
     forward / forward_with_grad / backward (see TorchOpKernels)."""
+    source = "backend" if backend else "UNLEARN_EXT_BACKEND"
     name = backend or os.environ.get("UNLEARN_EXT_BACKEND") or None
     if name is None:
         order = ("cpu",) if device.type == "cpu" else ("cuda", "triton") if device.type == "cuda" else ()
         name = next((n for n in order if _LOADED[n][0] is not None), "torch")
     if name not in NAMES:
-        raise ValueError(f"backend must be one of {', '.join(NAMES)}, got {name!r}")
+        raise ValueError(f"{source} must be one of {', '.join(NAMES)}, got {name!r}")
     if name == "torch":
         return None
     if _LOADED[name][0] is None or (name == "cuda" and not torch.cuda.is_available()):

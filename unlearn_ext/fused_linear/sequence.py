@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
+from ..ops._checks import check_finite
 from ..ops.sequence import _check_seq_index, check_ref_logprob, sum_per_sequence
 from ._inputs import Rows
 from ._plan import apply, prepare
@@ -115,16 +116,19 @@ def fused_linear_npo(hidden, weight, labels, ref_logprob, seq_index=None, num_se
                      bias=None, softcap=None, ignore_index=IGNORE_INDEX, backend=None, chunk_size=None):
     """NPO: (2/β)·softplus(β(ℓ_b − ℓ_b^ref)), mean over sequences; ``ref_logprob`` [B]
     from the frozen model (fused_linear_sequence_logprob under ``torch.no_grad()``)."""
+    beta = check_finite("beta", beta, positive=True)
     return _sequence_mean(
         hidden, weight, labels, seq_index, num_sequences,
         lambda logprob, counts, ids: reference.npo_per_sequence(logprob, ref_logprob[ids], beta),
         bias=bias, softcap=softcap, ignore_index=ignore_index, backend=backend, chunk_size=chunk_size,
-        check_num_sequences=lambda b: check_ref_logprob(ref_logprob, (b,)))
+        check_num_sequences=lambda b: check_ref_logprob(ref_logprob, (b,), hidden.device))
 
 
 def fused_linear_simnpo(hidden, weight, labels, seq_index=None, num_sequences=None, *, beta=2.5, delta=0.0,
                         bias=None, softcap=None, ignore_index=IGNORE_INDEX, backend=None, chunk_size=None):
     """SimNPO: (2/β)·softplus(−β(NLL_b/|y_b| − δ)), mean over sequences, no reference model."""
+    beta = check_finite("beta", beta, positive=True)
+    delta = check_finite("delta", delta)
     return _sequence_mean(
         hidden, weight, labels, seq_index, num_sequences,
         lambda logprob, counts, ids: reference.simnpo_per_sequence(logprob, counts, beta, delta),
@@ -152,6 +156,8 @@ def fused_linear_graddiff(forget_hidden, weight, forget_labels, retain_hidden, r
                           retain_weight=1.0, retain_ref=None, bias=None, softcap=None, ignore_index=IGNORE_INDEX,
                           backend=None, chunk_size=None):
     """−w_f·NLL_forget + w_r·NLL_retain (or + w_r·KL(π_ref ‖ π_θ) with ``retain_ref``)."""
+    forget_weight = check_finite("forget_weight", forget_weight)
+    retain_weight = check_finite("retain_weight", retain_weight)
     kw = dict(bias=bias, softcap=softcap, ignore_index=ignore_index, backend=backend, chunk_size=chunk_size)
     forget = fused_linear_cross_entropy(forget_hidden, weight, forget_labels, **kw)
     return -forget_weight * forget + retain_weight * fused_linear_retain(retain_hidden, weight, retain_labels,
@@ -162,6 +168,7 @@ def fused_linear_npo_rt(forget_hidden, weight, forget_labels, ref_logprob, retai
                         seq_index=None, num_sequences=None, *, beta=0.1, retain_weight=1.0, bias=None, softcap=None,
                         ignore_index=IGNORE_INDEX, backend=None, chunk_size=None):
     """NPO+RT: NPO on the forget batch plus w_r·NLL on the retain batch."""
+    retain_weight = check_finite("retain_weight", retain_weight)
     kw = dict(bias=bias, softcap=softcap, ignore_index=ignore_index, backend=backend, chunk_size=chunk_size)
     return (fused_linear_npo(forget_hidden, weight, forget_labels, ref_logprob, seq_index, num_sequences, beta=beta,
                              **kw)
@@ -172,6 +179,7 @@ def fused_linear_npo_kl(forget_hidden, weight, forget_labels, ref_logprob, retai
                         seq_index=None, num_sequences=None, *, beta=0.1, retain_weight=1.0, bias=None, softcap=None,
                         ignore_index=IGNORE_INDEX, backend=None, chunk_size=None):
     """NPO+KL: NPO on the forget batch plus w_r·KL(π_ref ‖ π_θ) on the retain batch."""
+    retain_weight = check_finite("retain_weight", retain_weight)
     kw = dict(bias=bias, softcap=softcap, ignore_index=ignore_index, backend=backend, chunk_size=chunk_size)
     return (fused_linear_npo(forget_hidden, weight, forget_labels, ref_logprob, seq_index, num_sequences, beta=beta,
                              **kw)

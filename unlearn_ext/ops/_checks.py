@@ -20,6 +20,8 @@ def tracing() -> bool:
 def check_logits(logits, name: str = "logits") -> None:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {logits.layout}")
     if logits.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {logits.dtype}")
     if logits.dim() < 2:
@@ -52,7 +54,7 @@ def check_labels(labels, logits: torch.Tensor, ignore_index: int, required: bool
     if labels.device != logits.device:
         raise ValueError(f"labels are on {labels.device} but logits are on {logits.device}")
     flat = labels.reshape(-1).to(torch.int64)
-    if not tracing() and flat.numel() > 0:
+    if not tracing() and flat.numel() > 0 and not flat.is_meta:  # meta tensors hold no values to check
         vocab = logits.shape[-1]
         bad = (flat != ignore_index) & ((flat < 0) | (flat >= vocab))
         if bool(bad.any()):

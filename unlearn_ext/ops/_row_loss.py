@@ -48,6 +48,19 @@ def _kernel_view(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _rows_disjoint(x: torch.Tensor) -> bool:
+    """True when no two rows of x share memory; the C++ bindings refuse a gradient buffer
+    without it (csrc/torch_row_args.h, rows_disjoint), so an expanded tensor is never
+    written in place."""
+    dims = sorted((x.stride(d), x.shape[d]) for d in range(x.dim() - 1) if x.shape[d] > 1)
+    extent = x.shape[-1]
+    for stride, size in dims:
+        if stride < extent:
+            return False
+        extent += stride * (size - 1)
+    return True
+
+
 class RowLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, teacher, teacher2, labels, op: str, params: RowParams, reduction: str,
@@ -65,6 +78,7 @@ class RowLossFunction(torch.autograd.Function):
         # eager, CUDA graphs and torch.compile all behave alike.
         ctx.fused = (reduction != "none" and kernels.fuses_grad and logits.device.type == "cpu"
                      and ctx.needs_input_grad[0] and not tracing())
+        ctx.scaled = False
         if ctx.fused:
             grad = logits if inplace else new_grad_buffer(logits)
             scale = 1.0 / max(int(count), 1) if reduction == "mean" else 1.0
@@ -85,8 +99,14 @@ class RowLossFunction(torch.autograd.Function):
     def backward(ctx, g):
         nones = (None,) * 8
         if ctx.fused:
+            if ctx.scaled:
+                raise RuntimeError(
+                    f"unlearn_ext: {ctx.op} wrote its gradient during the forward (reduction={ctx.reduction!r}) and "
+                    "a first backward scaled it in place; a second backward through the same graph "
+                    "(retain_graph=True) is not supported. Use reduction='none' and reduce the result yourself.")
             (grad,) = ctx.saved_tensors
             if bool(g != 1):  # the forward wrote the gradient for an upstream gradient of 1
+                ctx.scaled = True
                 grad.mul_(g)
             return (grad,) + nones
         logits, teacher, teacher2, labels, stats, count = ctx.saved_tensors
@@ -140,9 +160,12 @@ def row_loss(
 
     params = RowParams(ignore_index, 1.0 / temperature, float(alpha), float(gamma))
     teacher_views = [_kernel_view(t.detach()) for _, t in teachers] + [None] * (2 - len(teachers))
-    inplace = bool(inplace_backward) and not tracing()
-    out = RowLossFunction.apply(_kernel_view(logits), teacher_views[0], teacher_views[1], flat_labels, op,
-                                params, reduction, kernels.name, inplace)
+    view = _kernel_view(logits)
+    # Rows that share memory (an expanded tensor) cannot each hold their own gradient:
+    # such logits get a fresh buffer.
+    inplace = bool(inplace_backward) and not tracing() and _rows_disjoint(view)
+    out = RowLossFunction.apply(view, teacher_views[0], teacher_views[1], flat_labels, op, params, reduction,
+                                kernels.name, inplace)
     return out.reshape(logits.shape[:-1]) if reduction == "none" else out
 
 

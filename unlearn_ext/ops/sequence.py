@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
+from ._checks import check_finite
 from .cross_entropy import cross_entropy
 from .forward_kl import forward_kl
 from .token_logprob import token_logprob
@@ -29,6 +30,9 @@ def _check_seq_index(seq_index, labels, num_sequences):
     if seq_index.device != labels.device:
         raise ValueError(f"seq_index is on {seq_index.device} but labels are on {labels.device}")
     flat = seq_index.reshape(-1).to(torch.int64)
+    if num_sequences is not None and (isinstance(num_sequences, bool) or not isinstance(num_sequences, int)
+                                      or num_sequences < 0):
+        raise ValueError(f"num_sequences must be a non-negative int, got {num_sequences!r}")
     if num_sequences is None:
         num_sequences = int(flat.max()) + 1 if flat.numel() else 0
     elif flat.numel() and not torch.compiler.is_compiling():
@@ -62,9 +66,11 @@ def sum_per_sequence(tokens, labels, seq_index=None, num_sequences=None, *, igno
     return zeros.index_add(0, index, tokens.reshape(-1)), zeros.index_add(0, index, counted.reshape(-1))
 
 
-def check_ref_logprob(ref_logprob, shape) -> None:
+def check_ref_logprob(ref_logprob, shape, device) -> None:
     if not isinstance(ref_logprob, torch.Tensor) or ref_logprob.shape != shape:
         raise ValueError(f"ref_logprob must be a tensor of shape {tuple(shape)} (one value per sequence)")
+    if ref_logprob.device != device:
+        raise ValueError(f"ref_logprob is on {ref_logprob.device} but logits are on {device}")
 
 
 def ga_loss(logits, labels, *, ignore_index=IGNORE_INDEX, backend=None):
@@ -82,6 +88,8 @@ def retain_loss(logits, labels, ref_logits=None, *, ignore_index=IGNORE_INDEX, b
 def graddiff_loss(forget_logits, forget_labels, retain_logits, retain_labels, *, forget_weight=1.0,
                   retain_weight=1.0, retain_ref_logits=None, ignore_index=IGNORE_INDEX, backend=None):
     """−w_f·NLL_forget + w_r·NLL_retain (or + w_r·KL(π_ref ‖ π_θ) with ``retain_ref_logits``)."""
+    forget_weight = check_finite("forget_weight", forget_weight)
+    retain_weight = check_finite("retain_weight", retain_weight)
     forget = cross_entropy(forget_logits, forget_labels, ignore_index=ignore_index, backend=backend)
     retain = retain_loss(retain_logits, retain_labels, retain_ref_logits, ignore_index=ignore_index,
                          backend=backend)
@@ -95,15 +103,17 @@ def npo_loss(logits, labels, ref_logprob, seq_index=None, num_sequences=None, *,
     ``ref_logprob`` [B] holds ℓ_b^ref from the frozen starting model (e.g.
     ``sequence_logprob`` under ``torch.no_grad()``).
     """
+    beta = check_finite("beta", beta, positive=True)
     logprob, counts = sequence_logprob(logits, labels, seq_index, num_sequences, ignore_index=ignore_index,
                                        backend=backend)
-    check_ref_logprob(ref_logprob, logprob.shape)
+    check_ref_logprob(ref_logprob, logprob.shape, logprob.device)
     return reference.mean_over_sequences(reference.npo_per_sequence(logprob, ref_logprob, beta), counts)
 
 
 def npo_rt_loss(forget_logits, forget_labels, ref_logprob, retain_logits, retain_labels, seq_index=None,
                 num_sequences=None, *, beta=0.1, retain_weight=1.0, ignore_index=IGNORE_INDEX, backend=None):
     """NPO+RT: NPO on the forget batch plus w_r·NLL on the retain batch."""
+    retain_weight = check_finite("retain_weight", retain_weight)
     return (npo_loss(forget_logits, forget_labels, ref_logprob, seq_index, num_sequences, beta=beta,
                      ignore_index=ignore_index, backend=backend)
             + retain_weight * retain_loss(retain_logits, retain_labels, ignore_index=ignore_index, backend=backend))
@@ -113,6 +123,7 @@ def npo_kl_loss(forget_logits, forget_labels, ref_logprob, retain_logits, retain
                 seq_index=None, num_sequences=None, *, beta=0.1, retain_weight=1.0, ignore_index=IGNORE_INDEX,
                 backend=None):
     """NPO+KL: NPO on the forget batch plus w_r·KL(π_ref ‖ π_θ) on the retain batch."""
+    retain_weight = check_finite("retain_weight", retain_weight)
     return (npo_loss(forget_logits, forget_labels, ref_logprob, seq_index, num_sequences, beta=beta,
                      ignore_index=ignore_index, backend=backend)
             + retain_weight * retain_loss(retain_logits, retain_labels, retain_ref_logits,
@@ -123,6 +134,8 @@ def simnpo_loss(logits, labels, seq_index=None, num_sequences=None, *, beta=2.5,
                 ignore_index=IGNORE_INDEX, backend=None):
     """SimNPO (arXiv 2410.07163): (2/β)·softplus(−β(NLL_b/|y_b| − δ)), no reference model,
     mean over sequences. β = 2.5 (forget05) to 4.5 (forget10), δ = 0 in the paper."""
+    beta = check_finite("beta", beta, positive=True)
+    delta = check_finite("delta", delta)
     logprob, counts = sequence_logprob(logits, labels, seq_index, num_sequences, ignore_index=ignore_index,
                                        backend=backend)
     return reference.mean_over_sequences(reference.simnpo_per_sequence(logprob, counts, beta, delta), counts)
