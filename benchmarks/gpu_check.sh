@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: builds the C++ and CUDA extensions, runs the whole test
 # suite (the CUDA backend joins every shared test, and tests/test_cuda_kernels.py runs),
-# benchmarks the row ops (benchmarks/bench_gpu_ops.py), then the fused-linear and
-# end-to-end step benchmarks where those scripts exist. Everything lands in
+# benchmarks the row ops (benchmarks/bench_gpu_ops.py), then the fused-linear losses, and
+# the end-to-end step benchmark where that script exists. Everything lands in
 # ${OUT:-benchmarks/results}; a short table is printed last.
 #
 #   bash benchmarks/gpu_check.sh
@@ -59,11 +59,9 @@ $PY benchmarks/bench_gpu_ops.py --out "$OUT" --time-budget "$BENCH_SECONDS" > "$
   || status=1
 cat "$OUT/bench_gpu_ops.log" >> "$LOG"
 
-if [ -f benchmarks/bench_fused_linear.py ]; then
-  say "benchmarks/bench_fused_linear.py --device cuda"
-  timeout "$(share 1 2)" $PY benchmarks/bench_fused_linear.py --device cuda --out "$OUT/fused_linear" 2>&1 \
-    | tee -a "$LOG" | tail -20 || status=1
-fi
+say "benchmarks/bench_fused_linear.py --device cuda"
+timeout "$(share 1 2)" $PY benchmarks/bench_fused_linear.py --device cuda --out "$OUT/fused_linear" 2>&1 \
+  | tee -a "$LOG" | tail -20 || status=1
 if [ -f benchmarks/bench_e2e_step.py ]; then
   say "benchmarks/bench_e2e_step.py --device cuda"
   timeout "$(share 9 10)" $PY benchmarks/bench_e2e_step.py --device cuda --out "$OUT/e2e" 2>&1 \

@@ -94,7 +94,7 @@ RUN_OPTS = MODEL_OPTS + [
     Opt("output", help="output directory: checkpoints/, log.jsonl, train_config.json, model/ (required)"),
     Opt("max-length", int, 512, "tokens per example (prompt + answer); longer answers are cut"),
     Opt("fused", _bool, None, "loss path: fused-linear (no [N, V] logits) or materialised logits; "
-                              "default: fused where installed", flag_kind="bool"),
+                              "default: fused in single-process runs", flag_kind="bool"),
     Opt("backend", default=None, help="loss kernel backend: torch, cpu, cuda or triton (default: fastest available)"),
     Opt("lr", float, 1e-5, "peak learning rate of AdamW"),
     Opt("weight-decay", float, 0.01, "AdamW weight decay (matrices only)"),

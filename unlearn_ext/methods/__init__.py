@@ -9,7 +9,7 @@ from .evaluator import EvaluatorGuided, LogisticEvaluator
 from .finetune import Finetune
 from .ga import GA
 from .graddiff import GradDiff
-from .head import FusedLinearHead, LogitsHead, Outputs, fused_available, make_head
+from .head import FusedLinearHead, LogitsHead, Outputs, make_head
 from .npo import NPO, NPOKL, NPORT
 from .rkld import RKLD
 from .simnpo import SimNPO
@@ -28,5 +28,5 @@ def get_method(name: str) -> type[Method]:
 
 
 __all__ = ["METHODS", "get_method", "Method", "Models", "PrepareData", "freeze", "Outputs", "LogitsHead",
-           "FusedLinearHead", "make_head", "fused_available", "GA", "GradDiff", "NPO", "NPORT", "NPOKL", "SimNPO",
+           "FusedLinearHead", "make_head", "GA", "GradDiff", "NPO", "NPORT", "NPOKL", "SimNPO",
            "RKLD", "UnDIAL", "EUL", "EvaluatorGuided", "LogisticEvaluator", "Finetune"]

@@ -10,7 +10,7 @@ Two heads implement the same methods:
 - :class:`FusedLinearHead` runs the model up to its last hidden state and passes
   (hidden states, LM-head weight, bias) to ``unlearn_ext.fused_linear_<op>``, so the
   ``[N, V]`` logits are never held (DESIGN.md, "Fused-linear variants"). It is the default
-  wherever those ops are installed (:func:`make_head`).
+  in single-process runs (:func:`make_head`).
 
 Causal-LM shifting happens here, once: outputs hold positions ``[:, :-1]`` of the model
 (views, no copy) and ``labels[:, 1:]``, so position t predicts label t.
@@ -22,7 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import fused_linear as fl
 from .. import ops
+from ..models.lm_head import lm_head_inputs
 from ..reference import IGNORE_INDEX
 
 
@@ -97,19 +99,6 @@ class LogitsHead:
         return ops.simnpo_loss(out.logits, out.labels, beta=beta, delta=delta, backend=self.backend)
 
 
-def _fused_api():
-    """(unlearn_ext with its fused_linear_* losses, unlearn_ext.models.lm_head_inputs), or
-    None when this install does not have them."""
-    import importlib
-
-    import unlearn_ext
-    try:
-        lm_head_inputs = importlib.import_module("unlearn_ext.models").lm_head_inputs
-    except (ImportError, AttributeError):
-        return None
-    return (unlearn_ext, lm_head_inputs) if hasattr(unlearn_ext, "fused_linear_cross_entropy") else None
-
-
 class FusedLinearHead(LogitsHead):
     """Hidden states + LM-head weight into ``unlearn_ext.fused_linear_<op>``: no [N, V] logits.
 
@@ -127,69 +116,57 @@ class FusedLinearHead(LogitsHead):
 
     name = "fused"
 
-    def __init__(self, backend: str | None = None):
-        super().__init__(backend)
-        api = _fused_api()
-        if api is None:
-            raise RuntimeError("the fused-linear losses are not installed in this build of unlearn_ext; "
-                               "use the logits path (fused: false / --no-fused)")
-        self.ue, self.lm_head_inputs = api
-
     def run(self, model, part: dict, *, hidden: bool = True) -> Outputs:
-        head = self.lm_head_inputs(model, part["input_ids"], part["attention_mask"])
-        return Outputs(labels=self.ue.shift_labels(part["labels"]), hidden=head.hidden, weight=head.weight,
+        head = lm_head_inputs(model, part["input_ids"], part["attention_mask"])
+        return Outputs(labels=fl.shift_labels(part["labels"]), hidden=head.hidden, weight=head.weight,
                        bias=head.bias, softcap=head.softcap)
 
     def _head(self, out: Outputs):
-        return self.ue.LMHeadInputs(out.hidden, out.weight, out.bias, out.softcap)
+        return fl.LMHeadInputs(out.hidden, out.weight, out.bias, out.softcap)
 
     def _kw(self, out: Outputs) -> dict:
         return {"bias": out.bias, "softcap": out.softcap, "backend": self.backend}
 
     def cross_entropy(self, out):
-        return self.ue.fused_linear_cross_entropy(out.hidden, out.weight, out.labels, **self._kw(out))
+        return fl.fused_linear_cross_entropy(out.hidden, out.weight, out.labels, **self._kw(out))
 
     def forward_kl(self, out, teacher):
-        return self.ue.fused_linear_forward_kl(out.hidden, out.weight, self._head(teacher), out.labels,
+        return fl.fused_linear_forward_kl(out.hidden, out.weight, self._head(teacher), out.labels,
                                                **self._kw(out))
 
     def reverse_kl(self, out, teacher):
-        return self.ue.fused_linear_reverse_kl(out.hidden, out.weight, self._head(teacher), out.labels,
+        return fl.fused_linear_reverse_kl(out.hidden, out.weight, self._head(teacher), out.labels,
                                                **self._kw(out))
 
     def rkld(self, out, original, augmented, *, alpha):
-        return self.ue.fused_linear_rkld(out.hidden, out.weight, self._head(original), self._head(augmented),
+        return fl.fused_linear_rkld(out.hidden, out.weight, self._head(original), self._head(augmented),
                                          out.labels, alpha=alpha, **self._kw(out))
 
     def undial(self, out, teacher, *, gamma):
-        return self.ue.fused_linear_undial(out.hidden, out.weight, self._head(teacher), out.labels, gamma=gamma,
+        return fl.fused_linear_undial(out.hidden, out.weight, self._head(teacher), out.labels, gamma=gamma,
                                            **self._kw(out))
 
     def sequence_logprob(self, out):
-        return self.ue.fused_linear_sequence_logprob(out.hidden, out.weight, out.labels, **self._kw(out))
+        return fl.fused_linear_sequence_logprob(out.hidden, out.weight, out.labels, **self._kw(out))
 
     def ga_loss(self, out):
-        return self.ue.fused_linear_ga(out.hidden, out.weight, out.labels, **self._kw(out))
+        return fl.fused_linear_ga(out.hidden, out.weight, out.labels, **self._kw(out))
 
     def retain_loss(self, out, reference=None):
         ref = None if reference is None else self._head(reference)
-        return self.ue.fused_linear_retain(out.hidden, out.weight, out.labels, ref, **self._kw(out))
+        return fl.fused_linear_retain(out.hidden, out.weight, out.labels, ref, **self._kw(out))
 
     def npo_loss(self, out, ref_logprob, *, beta):
-        return self.ue.fused_linear_npo(out.hidden, out.weight, out.labels, ref_logprob, beta=beta, **self._kw(out))
+        return fl.fused_linear_npo(out.hidden, out.weight, out.labels, ref_logprob, beta=beta, **self._kw(out))
 
     def simnpo_loss(self, out, *, beta, delta):
-        return self.ue.fused_linear_simnpo(out.hidden, out.weight, out.labels, beta=beta, delta=delta,
+        return fl.fused_linear_simnpo(out.hidden, out.weight, out.labels, beta=beta, delta=delta,
                                            **self._kw(out))
 
 
-def fused_available() -> bool:
-    return _fused_api() is not None
-
-
 def make_head(fused: bool | None = None, backend: str | None = None) -> LogitsHead:
-    """``fused=None``: the fused-linear path where installed (single-process runs, see
-    FusedLinearHead's note), else logits; True forces it (an error if missing); False: logits."""
+    """``fused=None``: the fused-linear path in single-process runs (see FusedLinearHead's
+    note), else logits; True forces it; False: logits."""
     if fused is None:
-        fused = fused_available() and int(os.environ.get("WORLD_SIZE", "1")) == 1
+        fused = int(os.environ.get("WORLD_SIZE", "1")) == 1
     return FusedLinearHead(backend) if fused else LogitsHead(backend)

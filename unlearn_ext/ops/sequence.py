@@ -50,14 +50,27 @@ def sequence_logprob(logits, labels, seq_index=None, num_sequences=None, *, igno
     (``num_sequences`` saves a host synchronisation on the GPU).
     """
     tokens = token_logprob(logits, labels, ignore_index=ignore_index, temperature=temperature, backend=backend)
+    return sum_per_sequence(tokens, labels, seq_index, num_sequences, ignore_index=ignore_index)
+
+
+def sum_per_sequence(tokens, labels, seq_index=None, num_sequences=None, *, ignore_index=IGNORE_INDEX):
+    """(ℓ_b, |y_b|) from per-token log-probs: [B, T] (one sequence per batch row), or packed
+    [N] with ``seq_index`` (see sequence_logprob)."""
     counted = (labels != ignore_index).to(tokens.dtype)
     if seq_index is None:
-        if logits.dim() != 3:
-            raise ValueError("seq_index is required unless logits are [B, T, V] (one sequence per batch row)")
+        if tokens.dim() != 2:
+            raise ValueError("seq_index is required unless the batch is [B, T] (one sequence per batch row)")
         return tokens.sum(-1), counted.sum(-1)
     index, b = _check_seq_index(seq_index, labels, num_sequences)
     zeros = tokens.new_zeros(b)
     return zeros.index_add(0, index, tokens.reshape(-1)), zeros.index_add(0, index, counted.reshape(-1))
+
+
+def check_ref_logprob(ref_logprob, shape, device) -> None:
+    if not isinstance(ref_logprob, torch.Tensor) or ref_logprob.shape != shape:
+        raise ValueError(f"ref_logprob must be a tensor of shape {tuple(shape)} (one value per sequence)")
+    if ref_logprob.device != device:
+        raise ValueError(f"ref_logprob is on {ref_logprob.device} but logits are on {device}")
 
 
 def ga_loss(logits, labels, *, ignore_index=IGNORE_INDEX, backend=None):
@@ -93,10 +106,7 @@ def npo_loss(logits, labels, ref_logprob, seq_index=None, num_sequences=None, *,
     beta = check_finite("beta", beta, positive=True)
     logprob, counts = sequence_logprob(logits, labels, seq_index, num_sequences, ignore_index=ignore_index,
                                        backend=backend)
-    if not isinstance(ref_logprob, torch.Tensor) or ref_logprob.shape != logprob.shape:
-        raise ValueError(f"ref_logprob must be a tensor of shape {tuple(logprob.shape)} (one value per sequence)")
-    if ref_logprob.device != logprob.device:
-        raise ValueError(f"ref_logprob is on {ref_logprob.device} but logits are on {logprob.device}")
+    check_ref_logprob(ref_logprob, logprob.shape, logprob.device)
     return reference.mean_over_sequences(reference.npo_per_sequence(logprob, ref_logprob, beta), counts)
 
 

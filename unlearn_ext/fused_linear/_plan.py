@@ -1,0 +1,110 @@
+"""From the public arguments of a fused-linear loss to a checked ChunkPlan and its call."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .._backends import resolve
+from ..ops._checks import check_finite, check_reduction
+from ..ops._row_loss import RowParams
+from ._chunked import ChunkPlan, FusedLinearLoss, default_chunk_rows, evaluate
+from ._inputs import LMHeadInputs, Rows, autocast_heads, check_fused_labels, check_head
+
+# Arranges the counted rows (flat row numbers, None = all rows in order) into a reading
+# order and chunk bounds, given the rows per chunk: (index, count, chunk) -> (index, bounds).
+Arrange = Callable[[torch.Tensor | None, int, int], tuple[torch.Tensor | None, list[tuple[int, int]]]]
+
+
+def _even(index, count, chunk):
+    return index, Rows.even_bounds(count, chunk)
+
+
+def check_chunk_size(chunk_size) -> int | None:
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"chunk_size must be a positive int or None, got {type(chunk_size).__name__}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
+    return chunk_size
+
+
+def _bytes_per_row(student: LMHeadInputs, teachers, reference: bool) -> int:
+    """Bytes one row of a chunk holds: its logits, its teachers', the softcap derivative,
+    and the float32 temporaries of the torch reference."""
+    vocab = student.weight.shape[0]
+    per_vocab = student.hidden.element_size() * (2 if student.softcap is not None else 1)
+    per_vocab += sum(t.hidden.element_size() for t in teachers)
+    return vocab * (per_vocab + (16 if reference else 0))
+
+
+def prepare(op: str, student, teachers, labels, *, labels_required: bool, reference_fn, ignore_index: int,
+            temperature: float, backend: str | None, chunk_size: int | None, alpha: float = 0.0,
+            gamma: float = 0.0, arrange: Arrange = _even) -> tuple[LMHeadInputs, ChunkPlan]:
+    """Checks every argument (errors name it) and builds the plan of one call.
+
+    ``student``: (hidden, weight, bias, softcap); ``teachers``: (argument name, head) pairs.
+    Rows whose label is ``ignore_index`` are left out of the loop (one host synchronisation
+    to count them)."""
+    student = check_head(student, "")
+    teachers = [check_head(t, name, like=student) for name, t in teachers]
+    temperature = check_finite("temperature", temperature, positive=True)
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    flat_labels = check_fused_labels(labels, student, ignore_index, labels_required)
+    chunk_size = check_chunk_size(chunk_size)
+    student, *teachers = autocast_heads([student, *teachers])
+    kernels = resolve(backend, student.hidden.device)
+
+    index = None
+    if flat_labels is not None:
+        counted = flat_labels != ignore_index
+        if not bool(counted.all()):
+            index = counted.nonzero().squeeze(1)
+    count = student.hidden.shape[:-1].numel() if index is None else index.numel()
+    vocab, hidden_size = student.weight.shape
+    chunk = chunk_size or default_chunk_rows(vocab, hidden_size, _bytes_per_row(student, teachers, kernels is None),
+                                             student.hidden.device)
+    index, bounds = arrange(index, count, chunk)
+    rows = Rows(student.hidden.shape[:-1], index, bounds)
+    plan = ChunkPlan(
+        op=op, params=RowParams(ignore_index, 1.0 / temperature, float(alpha), float(gamma)), kernels=kernels,
+        reference_fn=reference_fn, rows=rows,
+        labels=None if flat_labels is None else rows.gather(flat_labels.view(rows.lead_shape)),
+        teachers=tuple(LMHeadInputs(t.hidden.detach(), t.weight.detach(),
+                                    None if t.bias is None else t.bias.detach(), t.softcap) for t in teachers),
+        softcap=student.softcap,
+        value_dtype=torch.float64 if student.hidden.dtype == torch.float64 else torch.float32)
+    return student, plan
+
+
+class Reduce:
+    """The sum, or the mean over counted rows, of the per-row values (0 when none counts)."""
+
+    def __init__(self, divisor: int):
+        self.divisor = max(divisor, 1)
+        self.upstream = 1.0 / self.divisor
+
+    def __call__(self, values: torch.Tensor) -> torch.Tensor:
+        return values.sum() / self.divisor
+
+
+def row_loss(op: str, hidden, weight, teachers, labels, *, bias, softcap, labels_required: bool, reference_fn,
+             ignore_index: int, temperature: float, reduction: str, backend, chunk_size, alpha: float = 0.0,
+             gamma: float = 0.0) -> torch.Tensor:
+    """A row op of unlearn_ext.ops on logits that are never materialised."""
+    check_reduction(reduction)
+    student, plan = prepare(op, (hidden, weight, bias, softcap), teachers, labels, labels_required=labels_required,
+                            reference_fn=reference_fn, ignore_index=ignore_index, temperature=temperature,
+                            backend=backend, chunk_size=chunk_size, alpha=alpha, gamma=gamma)
+    objective = None if reduction == "none" else Reduce(plan.rows.count if reduction == "mean" else 1)
+    return apply(student, plan, objective)
+
+
+def apply(student: LMHeadInputs, plan: ChunkPlan, objective) -> torch.Tensor:
+    """The loss: with a graph when a gradient can be asked for, else values only."""
+    differentiable = (x for x in (student.hidden, student.weight, student.bias) if x is not None)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in differentiable):
+        return FusedLinearLoss.apply(student.hidden, student.weight, student.bias, plan, objective)
+    return evaluate(plan, student.hidden, student.weight, student.bias, objective)
