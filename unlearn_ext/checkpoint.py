@@ -10,10 +10,15 @@ A checkpoint is a directory ``<output>/checkpoints/step_<N>/`` holding
   global batch and the names of tied parameters.
 
 It is written to a temporary directory beside its final place and renamed in one
-``os.replace``: a run killed while saving leaves a ``.tmp-*`` directory that is ignored,
-never a half-written checkpoint. Parameters are addressed by their names through
-``torch.distributed.checkpoint.state_dict``, which gathers full tensors under DDP and FSDP
-alike, so a checkpoint does not depend on how the run was distributed.
+``os.replace``: a run killed while saving leaves a ``.tmp-*`` directory that is ignored
+(and removed by the next save), never a half-written checkpoint. Old checkpoints are
+renamed to ``.tmp-*`` before they are deleted, so a kill while pruning leaves no
+half-deleted one either. A save that fails (a full disk) removes its temporary directory
+and raises ``OSError`` naming the checkpoint; the previous checkpoints are untouched.
+
+Parameters are addressed by their names through ``torch.distributed.checkpoint.state_dict``,
+which gathers full tensors under DDP and FSDP alike, so a checkpoint does not depend on
+how the run was distributed.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
@@ -85,27 +91,53 @@ def save_checkpoint(root: str | os.PathLike, step: int, model, optimizer, schedu
     final = root / f"step_{step}"
     if is_main:
         root.mkdir(parents=True, exist_ok=True)
+        for debris in root.glob(".tmp-*"):  # left by a killed save (one run writes a root at a time)
+            shutil.rmtree(debris, ignore_errors=True)
         tmp = root / f".tmp-step_{step}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        kept, aliases = _untie(weights)
-        save_file(kept, str(tmp / "trainable.safetensors"))
-        tensors, scalars = _optimizer_tensors(osd)
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        groups = [{k: _jsonable(v) for k, v in g.items()} for g in osd["param_groups"]]
-        state = {"step": step, "aliases": aliases, "optimizer_scalars": {k: _jsonable(v) for k, v in scalars.items()},
-                 "param_groups": groups, "scheduler": scheduler.state_dict(), **(extra or {})}
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
-            with open(f, "rb") as handle:
-                os.fsync(handle.fileno())
+        try:
+            tmp.mkdir()
+            _write(tmp, step, weights, osd, scheduler, extra)
+        except (OSError, SafetensorError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _write_error(e, f"could not write checkpoint {final} ({e}); "
+                                  f"the previous checkpoints in {root} are intact") from e
         if final.exists():
-            shutil.rmtree(final)
+            _remove(final)
         os.replace(tmp, final)
         for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old)
+            _remove(old)
     barrier()
     return final
+
+
+def _write(directory: Path, step: int, weights: dict, osd: dict, scheduler, extra: dict | None) -> None:
+    kept, aliases = _untie(weights)
+    save_file(kept, str(directory / "trainable.safetensors"))
+    tensors, scalars = _optimizer_tensors(osd)
+    save_file(tensors, str(directory / "optimizer.safetensors"))
+    groups = [{k: _jsonable(v) for k, v in g.items()} for g in osd["param_groups"]]
+    state = {"step": step, "aliases": aliases, "optimizer_scalars": {k: _jsonable(v) for k, v in scalars.items()},
+             "param_groups": groups, "scheduler": scheduler.state_dict(), **(extra or {})}
+    (directory / "state.json").write_text(json.dumps(state, indent=1))
+    for f in directory.iterdir():  # on disk before the rename makes the checkpoint visible
+        with open(f, "rb") as handle:
+            os.fsync(handle.fileno())
+
+
+def _write_error(error: Exception, message: str) -> OSError:
+    """An ``OSError`` with the failed write's errno: safetensors reports its I/O errors as
+    ``SafetensorError("... No space left on device (os error 28)")``."""
+    code = getattr(error, "errno", None)
+    if code is None and (found := re.search(r"\(os error (\d+)\)", str(error))):
+        code = int(found.group(1))
+    return OSError(code, message) if code is not None else OSError(message)
+
+
+def _remove(checkpoint_dir: Path) -> None:
+    """Delete a checkpoint without ever leaving it half-deleted under its own name."""
+    doomed = checkpoint_dir.with_name(f".tmp-removed-{checkpoint_dir.name}-{os.getpid()}")
+    os.replace(checkpoint_dir, doomed)
+    shutil.rmtree(doomed)
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:

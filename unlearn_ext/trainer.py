@@ -156,11 +156,50 @@ def _log_line(path: Path, record: dict) -> None:
 
 
 def _truncate_log(path: Path, last_step: int) -> None:
-    """Drop log lines of steps after the checkpoint a run resumes from (a killed run
-    may have logged steps it never saved)."""
+    """Drop log lines of steps after the checkpoint a run starts from (a killed run may
+    have logged steps it never saved, and its last line may be cut short)."""
     if path.exists():
-        lines = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= last_step]
+        lines = [line for line in path.read_text().splitlines() if _logged_step(line) <= last_step]
         path.write_text("".join(line + "\n" for line in lines))
+
+
+def _logged_step(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:  # a line a kill cut short
+        return math.inf
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss (or the gradient norm) became NaN or infinite: the run stops before it
+    saves anything, so the newest checkpoint is the last good state."""
+
+
+class _FiniteWatch:
+    """Remembers, on the device, the first step whose loss or gradient norm is not finite;
+    ``check`` reads it only where the loop synchronises anyway (logging, saving), so
+    watching adds no host synchronisation per step on a GPU."""
+    WHAT = ("loss", "gradient norm")
+
+    def __init__(self, device, never: int):
+        self.never = never
+        self.first = torch.full((len(self.WHAT),), never, dtype=torch.int64, device=device)
+
+    def update(self, step: int, loss: torch.Tensor, grad_norm) -> None:
+        if hasattr(grad_norm, "to_local"):  # FSDP2: this process's part of the norm, no collective
+            grad_norm = grad_norm.to_local()
+        norm = torch.as_tensor(0.0 if grad_norm is None else grad_norm, dtype=torch.float32, device=loss.device)
+        bad = ~torch.isfinite(torch.stack([loss.detach().float().reshape(()), norm.reshape(())]))
+        self.first = torch.minimum(self.first, torch.where(bad, step, self.never))
+
+    def check(self, acc) -> None:
+        first = acc.gather(self.first.unsqueeze(0)).amin(0).tolist()  # a NaN on any process stops them all
+        bad = [(step, what) for step, what in zip(first, self.WHAT) if step < self.never]
+        if bad:
+            step, what = min(bad, key=lambda b: b[0])  # the loss first when both
+            raise NonFiniteLossError(f"the {what} is not finite (NaN or inf) at step {step}: stopping without "
+                                     "saving; the newest checkpoint is the last good state (lower the learning "
+                                     "rate, check the data, or use float32)")
 
 
 def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
@@ -224,13 +263,13 @@ def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
                                  f"this run's is {value!r}")
         checkpoint.load_checkpoint(resume_from, student, raw_optimizer, scheduler)
         start = state["step"]
-        if acc.is_main_process:
-            _truncate_log(log_path, start)
     if out is not None and acc.is_main_process:
+        _truncate_log(log_path, start)  # also when a killed run saved no checkpoint at all
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps({**asdict(config), **run_facts}, indent=1))
 
     student.train()
+    watch = _FiniteWatch(acc.device, never=total + 1)
     bar = tqdm(total=total, initial=start, desc=config.desc, disable=not (config.progress and acc.is_main_process))
     started = time.time()
     for step in range(start, total):
@@ -255,8 +294,14 @@ def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        watch.update(step + 1, summed["loss"], grad_norm)
+        save = ckpt_root is not None and ((config.save_every and (step + 1) % config.save_every == 0)
+                                          or step + 1 == total)
+        log = (step + 1) % config.log_every == 0 or step + 1 == total
+        if log or save:
+            watch.check(acc)
 
-        if (step + 1) % config.log_every == 0 or step + 1 == total:
+        if log:
             names = sorted(summed)
             values = acc.reduce(torch.stack([summed[k] for k in names]), reduction="mean").tolist()
             record = {"step": step + 1, "epoch": round(plan.epoch(step + 1), 4), "lr": lr,
@@ -270,8 +315,7 @@ def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
             for callback in callbacks:
                 callback(step + 1, record)
         bar.update(1)
-        if ckpt_root is not None and ((config.save_every and (step + 1) % config.save_every == 0)
-                                      or step + 1 == total):
+        if save:
             checkpoint.save_checkpoint(ckpt_root, step + 1, student, raw_optimizer, scheduler,
                                        is_main=acc.is_main_process, barrier=acc.wait_for_everyone,
                                        extra=run_facts, keep=config.keep_checkpoints)
