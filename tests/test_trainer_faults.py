@@ -192,8 +192,10 @@ def test_killed_anywhere_resumes_to_the_same_weights(uninterrupted, tmp_path, se
         tally("faults injected")
         _assert_every_checkpoint_loads(tmp_path)
         assert step - 1 <= _newest_step(tmp_path) <= step, fault
+    (tmp_path / ".tmp-model-1").mkdir()  # what a run killed while writing its final model leaves
     done = _leg(tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert not list(tmp_path.glob(".tmp-*")), "debris of a killed final save is left"
     _assert_same(_weights(uninterrupted), _weights(tmp_path))
     assert _logged_steps(tmp_path) == list(range(1, TOTAL + 1))  # each step once, killed runs' extra lines dropped
     assert [p.name for p in _checkpoints(tmp_path)] == [f"step_{TOTAL - 1}", f"step_{TOTAL}"]

@@ -340,8 +340,9 @@ def save_model(model, directory: Path, acc) -> None:
     state = full_state_dict(model)
     if acc.is_main_process:
         unwrapped = acc.unwrap_model(model)
+        for debris in directory.parent.glob(f".tmp-{directory.name}-*"):  # left by a killed save
+            shutil.rmtree(debris, ignore_errors=True)
         tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
         backbone = {k: v for k, v in state.items() if not adapters.is_adapter_key(k)}
         unwrapped.save_pretrained(tmp, state_dict=backbone, safe_serialization=True)
         adapters.save_unlearning_layers(unwrapped, tmp)
