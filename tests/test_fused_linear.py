@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pytest
+from reliability_tally import tally
 import torch
 import torch.nn.functional as F
 
@@ -345,6 +346,7 @@ def test_bad_inputs(backend):
     for exc, word, call in cases:
         with pytest.raises(exc, match=word):
             call()
+        tally("bad inputs")
 
 
 def test_unavailable_backend_says_why():

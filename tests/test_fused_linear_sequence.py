@@ -3,6 +3,7 @@ unlearn_ext.ops.sequence losses on materialised float64 logits, values and gradi
 from __future__ import annotations
 
 import pytest
+from reliability_tally import tally
 import torch
 import torch.nn.functional as F
 
@@ -190,12 +191,23 @@ def test_no_answer_tokens_gives_zero(seed):
 
 def test_bad_sequence_inputs():
     (hidden, weight, _), labels = batch("cpu")
-    with pytest.raises(ValueError, match="ref_logprob"):
-        ue.fused_linear_npo(hidden, weight, labels, torch.zeros(B + 1))
-    with pytest.raises(ValueError, match="seq_index"):
-        ue.fused_linear_simnpo(hidden.reshape(B * T, H), weight, labels.reshape(-1))
-    with pytest.raises(ValueError, match="seq_index"):
-        ue.fused_linear_simnpo(hidden.reshape(B * T, H), weight, labels.reshape(-1),
-                               torch.full((B * T,), B), num_sequences=B)
-    with pytest.raises(ValueError, match="labels"):
-        ue.fused_linear_npo(hidden, weight, None, torch.zeros(B))
+    (forget, retain) = (hidden, labels), (hidden, labels)
+    cases = [
+        ("ref_logprob", lambda: ue.fused_linear_npo(hidden, weight, labels, torch.zeros(B + 1))),
+        ("ref_logprob", lambda: ue.fused_linear_npo(hidden, weight, labels, torch.zeros(B, device="meta"))),
+        ("seq_index", lambda: ue.fused_linear_simnpo(hidden.reshape(B * T, H), weight, labels.reshape(-1))),
+        ("seq_index", lambda: ue.fused_linear_simnpo(hidden.reshape(B * T, H), weight, labels.reshape(-1),
+                                                     torch.full((B * T,), B), num_sequences=B)),
+        ("labels", lambda: ue.fused_linear_npo(hidden, weight, None, torch.zeros(B))),
+        ("beta", lambda: ue.fused_linear_npo(hidden, weight, labels, torch.zeros(B), beta=0.0)),
+        ("beta", lambda: ue.fused_linear_simnpo(hidden, weight, labels, beta=float("nan"))),
+        ("delta", lambda: ue.fused_linear_simnpo(hidden, weight, labels, delta=float("inf"))),
+        ("forget_weight", lambda: ue.fused_linear_graddiff(*forget[:1], weight, forget[1], *retain,
+                                                          forget_weight=float("nan"))),
+        ("retain_weight", lambda: ue.fused_linear_npo_rt(hidden, weight, labels, torch.zeros(B), *retain,
+                                                        retain_weight=float("inf"))),
+    ]
+    for word, call in cases:
+        with pytest.raises(ValueError, match=word):
+            call()
+        tally("bad inputs")
