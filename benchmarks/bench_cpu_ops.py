@@ -16,33 +16,14 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 import unlearn_ext as ue  # noqa: E402
 from common import cpu_peak_extra_bytes, machine, median_time, write_json  # noqa: E402
+from eager import ALPHA, GAMMA, eager  # noqa: E402
 
 OPS = ["token_logprob", "cross_entropy", "forward_kl", "reverse_kl", "rkld", "undial"]
 TEACHERS = {"token_logprob": 0, "cross_entropy": 0, "forward_kl": 1, "reverse_kl": 1, "rkld": 2, "undial": 1}
-ALPHA, GAMMA = 8.0, 10.0
-
-
-def eager(op, x, teachers, y):
-    """The loss as plain PyTorch code, mean over rows (no row is ignored here)."""
-    if op == "token_logprob":
-        return torch.log_softmax(x, -1).gather(-1, y[:, None]).mean()
-    if op == "cross_entropy":
-        return F.cross_entropy(x, y)
-    if op == "forward_kl":
-        return F.kl_div(torch.log_softmax(x, -1), torch.log_softmax(teachers[0], -1), log_target=True,
-                        reduction="batchmean")
-    if op == "undial":
-        t = teachers[0].clone()
-        t[torch.arange(len(y)), y] -= GAMMA
-        return -(torch.softmax(t, -1) * torch.log_softmax(x, -1)).sum(-1).mean()
-    t = teachers[0] if op == "reverse_kl" else teachers[0] - ALPHA * torch.relu(teachers[1] - teachers[0])
-    logp, logq = torch.log_softmax(x, -1), torch.log_softmax(t, -1)
-    return (logp.exp() * (logp - logq)).sum(-1).mean()
 
 
 def ours(op, x, teachers, y, reduction="mean", inplace=False):

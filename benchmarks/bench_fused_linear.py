@@ -1,5 +1,5 @@
 """Peak memory and time of each fused-linear loss against "logits = h·Wᵀ, then the loss" in
-eager PyTorch (the reference ops, backend="torch"), forward + backward.
+eager PyTorch (the loss as a user writes it: benchmarks/eager.py), forward + backward.
 
     python benchmarks/bench_fused_linear.py                  # CPU: N=4096, H=2048, V=128256, fp32
     python benchmarks/bench_fused_linear.py --device cuda    # GPU: N=16384, H=4096, V=128256 and 262144, bf16
@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import cpu_peak_extra_bytes, machine, write_json  # noqa: E402
+from eager import ALPHA, GAMMA, eager  # noqa: E402
 
 import unlearn_ext as ue  # noqa: E402
 from unlearn_ext._backends import resolve  # noqa: E402
@@ -37,7 +38,7 @@ from unlearn_ext.fused_linear import LMHeadInputs, default_chunk_rows  # noqa: E
 
 LOSSES = ("cross_entropy", "forward_kl", "reverse_kl", "rkld", "undial", "npo", "simnpo")
 TEACHERS = {"forward_kl": 1, "reverse_kl": 1, "undial": 1, "rkld": 2}
-PARAMS = {"rkld": {"alpha": 8.0}, "undial": {"gamma": 10.0}, "npo": {"beta": 0.1}, "simnpo": {"beta": 2.5}}
+PARAMS = {"rkld": {"alpha": ALPHA}, "undial": {"gamma": GAMMA}, "npo": {"beta": 0.1}, "simnpo": {"beta": 2.5}}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -58,17 +59,19 @@ def make_inputs(cfg) -> SimpleNamespace:
 
 
 def eager_loss(cfg, x):
+    """Logits, then the loss as a PyTorch user writes it (benchmarks/eager.py); NPO/SimNPO
+    on the sequence log-probs of log_softmax + gather (the torch backend)."""
     logits = x.hidden @ x.weight.t()
     with torch.no_grad():
         teachers = [t.hidden @ t.weight.t() for t in x.teachers]
-    kw = dict(backend="torch", **PARAMS.get(cfg.loss, {}))
     if cfg.loss in ("npo", "simnpo"):
         batch = (-1, cfg.seq_len)
         seq_logits, labels = logits.view(*batch, logits.shape[-1]), x.labels.view(batch)
+        kw = dict(backend="torch", **PARAMS[cfg.loss])
         if cfg.loss == "npo":
             return ue.npo_loss(seq_logits, labels, x.ref_logprob, **kw)
         return ue.simnpo_loss(seq_logits, labels, **kw)
-    return getattr(ue, cfg.loss)(logits, *teachers, x.labels, **kw)
+    return eager(cfg.loss, logits, teachers, x.labels)
 
 
 def fused_loss(cfg, x):
