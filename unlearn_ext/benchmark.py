@@ -86,8 +86,10 @@ class Scale:
 
 
 SCALES = {
-    # 40 authors x 20 questions, a 0.8M-parameter Llama (+0.26M embeddings): each fine-tuning
-    # is about 3 CPU-minutes, every unlearning run and evaluation seconds.
+    # 40 authors x 20 questions, a 0.8M-parameter Llama (+0.26M embeddings): each of the four
+    # fine-tunings takes about 4 minutes on one core, every unlearning run and evaluation
+    # seconds; 27 minutes in all (benchmarks/results/tofu_cpu). Run it with OMP_NUM_THREADS=1
+    # on a shared machine: two threads contending with other jobs were several times slower.
     "cpu": Scale(num_authors=40, questions_per_author=20, vocab_size=2048, model="cpu", max_length=128,
                  finetune_lr=1e-3, finetune_epochs=30, finetune_batch_size=16,
                  unlearn_lr=1e-4, unlearn_epochs=10, unlearn_batch_size=8, eval_batch_size=64),

@@ -136,7 +136,7 @@ BENCHMARK_OPTS = [
     Opt("config", help="YAML file of options; command-line options override it"),
     Opt("out", help="output directory: benchmark.json/.md/.png, data/, models/ (required)"),
     Opt("scale", default="cpu", choices=("cpu", "gpu"),
-        help="cpu: 40 authors, a 0.8M-parameter Llama, minutes on 2 cores; gpu: TOFU's 200 authors, a 75M Llama"),
+        help="cpu: 40 authors, a 1M-parameter Llama, ~25 min on one CPU core; gpu: TOFU's 200 authors, a 75M Llama"),
     Opt("scale-arg", help="override one setting of the scale, e.g. --scale-arg unlearn_lr=3e-4 (repeatable; "
                           "YAML: scale_args mapping; see unlearn_ext.benchmark.Scale)", flag_kind="list"),
     Opt("splits", default="forget01,forget05,forget10", help="comma-separated forget splits"),
