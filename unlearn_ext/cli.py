@@ -1,4 +1,4 @@
-"""The ``unlearn-ext`` command: ``finetune``, ``unlearn --method NAME``, ``eval``.
+"""The ``unlearn-ext`` command: ``finetune``, ``unlearn --method NAME``, ``eval``, ``benchmark``.
 
 Every option can come from a YAML file (``--config run.yaml``, keys named like the long
 options, ``-`` or ``_``); options given on the command line override it. Models and
@@ -132,9 +132,24 @@ EVAL_OPTS = MODEL_OPTS + [
     Opt("max-new-tokens", int, None, "generation length (default: longest reference answer + 8)"),
     Opt("output", help="write the JSON result here (default: print it)"),
 ]
+BENCHMARK_OPTS = [
+    Opt("config", help="YAML file of options; command-line options override it"),
+    Opt("out", help="output directory: benchmark.json/.md/.png, data/, models/ (required)"),
+    Opt("scale", default="cpu", choices=("cpu", "gpu"),
+        help="cpu: 40 authors, a 1M-parameter Llama, ~25 min on one CPU core; gpu: TOFU's 200 authors, a 75M Llama"),
+    Opt("scale-arg", help="override one setting of the scale, e.g. --scale-arg unlearn_lr=3e-4 (repeatable; "
+                          "YAML: scale_args mapping; see unlearn_ext.benchmark.Scale)", flag_kind="list"),
+    Opt("splits", default="forget01,forget05,forget10", help="comma-separated forget splits"),
+    Opt("methods", default="ga,graddiff,npo,npo_rt,simnpo,rkld,undial", help="comma-separated methods"),
+    Opt("seed", int, 0, "seed of the data, the initialisations and the training order"),
+    Opt("fused", _bool, None, "loss path: fused-linear or materialised logits; default: fused where installed",
+        flag_kind="bool"),
+    Opt("backend", default=None, help="loss kernel backend: torch, cpu, cuda or triton (default: fastest available)"),
+    Opt("progress", _bool, True, "show progress bars", flag_kind="bool"),
+]
 REQUIRED = {"finetune": ("model", "output", "data"), "unlearn": ("model", "output", "method", "forget"),
-            "eval": ("model", "set")}
-YAML_ALIASES = {"method_args": "method_arg", "sets": "set"}
+            "eval": ("model", "set"), "benchmark": ("out",)}
+YAML_ALIASES = {"method_args": "method_arg", "sets": "set", "scale_args": "scale_arg"}
 
 
 def _pairs(items, what: str) -> dict[str, str]:
@@ -268,6 +283,22 @@ def run_eval(values: dict) -> int:
     return 0
 
 
+def _names(text: str, what: str) -> list[str]:
+    names = [n.strip() for n in str(text).split(",") if n.strip()]
+    if not names:
+        raise CLIError(f"--{what}: give at least one name")
+    return names
+
+
+def run_benchmark(values: dict) -> int:
+    from . import benchmark
+    scale = benchmark.SCALES[values["scale"]].with_overrides(_pairs(values["scale_arg"], "scale-arg"))
+    benchmark.run_benchmark(scale, values["out"], splits=_names(values["splits"], "splits"),
+                  methods=_names(values["methods"], "methods"), seed=values["seed"], fused=values["fused"],
+                  backend=values["backend"], progress=values["progress"])
+    return 0
+
+
 def _methods_epilog() -> str:
     from .methods import METHODS
     lines = ["methods and their options (--method-arg KEY=VALUE):"]
@@ -277,11 +308,13 @@ def _methods_epilog() -> str:
     return "\n".join(lines)
 
 
-# Subcommands: name -> (options, help, run, epilog). Other commands (e.g. `benchmark`) add an entry.
+# Subcommands: name -> (options, help, run, epilog).
 COMMANDS: dict[str, tuple[list[Opt], str, Callable[[dict], int], Callable[[], str] | None]] = {
     "finetune": (FINETUNE_OPTS, "fine-tune a model on question/answer data (NLL on answers)", run_finetune, None),
     "unlearn": (UNLEARN_OPTS, "unlearn a forget set with one of the methods", run_unlearn, _methods_epilog),
     "eval": (EVAL_OPTS, "evaluate a model with TOFU's metrics", run_eval, None),
+    "benchmark": (BENCHMARK_OPTS, "TOFU's protocol offline: fine-tune, unlearn with each method, evaluate, report",
+                  run_benchmark, None),
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import tempfile
 from typing import Mapping, Sequence
 
@@ -22,6 +23,20 @@ def summary_row(method: str, result: Mapping, **labels) -> dict:
             if metric in s:
                 row[f"{name}.{metric}"] = s[metric]
     return row
+
+
+def machine() -> str:
+    """A one-line description of where the numbers come from (reports and benchmarks)."""
+    import torch
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def _format(value) -> str:
@@ -51,6 +66,9 @@ def _atomic_write(path: str | os.PathLike, write) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; a report is an ordinary file
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
