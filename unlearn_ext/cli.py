@@ -142,7 +142,7 @@ BENCHMARK_OPTS = [
     Opt("splits", default="forget01,forget05,forget10", help="comma-separated forget splits"),
     Opt("methods", default="ga,graddiff,npo,npo_rt,simnpo,rkld,undial", help="comma-separated methods"),
     Opt("seed", int, 0, "seed of the data, the initialisations and the training order"),
-    Opt("fused", _bool, None, "loss path: fused-linear or materialised logits; default: fused where installed",
+    Opt("fused", _bool, None, "loss path: fused-linear or materialised logits; default: fused in single-process runs",
         flag_kind="bool"),
     Opt("backend", default=None, help="loss kernel backend: torch, cpu, cuda or triton (default: fastest available)"),
     Opt("progress", _bool, True, "show progress bars", flag_kind="bool"),
