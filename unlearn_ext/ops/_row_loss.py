@@ -21,6 +21,7 @@ from torch.autograd.function import once_differentiable
 from .. import reference
 from .._backends import _kernels, resolve
 from ._checks import check_finite, check_labels, check_logits, check_reduction, check_teacher, tracing
+from ._huge_pages import advise_huge_pages
 
 
 class RowParams(NamedTuple):
@@ -35,7 +36,7 @@ def new_grad_buffer(like: torch.Tensor) -> torch.Tensor:
     so that an element a kernel fails to write shows up."""
     if os.environ.get("UNLEARN_EXT_POISON") == "1":
         return torch.full(like.shape, float("nan"), dtype=like.dtype, device=like.device)
-    return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    return advise_huge_pages(torch.empty(like.shape, dtype=like.dtype, device=like.device))
 
 
 def _kernel_view(x: torch.Tensor) -> torch.Tensor:
