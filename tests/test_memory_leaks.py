@@ -1,15 +1,18 @@
 """Repeated calls of every op (forward + backward, every kernel backend here) do not grow
 memory: no leak in the extensions. (The torch backend is PyTorch's own code.)
 
-CPU: the process's resident set after a warm-up, over many calls, may not grow by more than
-an eighth of what leaking one [N, V] buffer per call would add. GPU: the caching
+CPU: the resident set after a warm-up, over many calls, may not grow by more than an eighth
+of what leaking one [N, V] buffer per call would add. It is measured in a fresh process
+where glibc maps every block over 64 KiB on its own and unmaps it when freed: in the test
+process, heap pages freed by earlier tests are reused by new buffers, and the resident set
+would neither grow with a leak nor shrink on free (CI saw exactly that). GPU: the caching
 allocator's count of allocated bytes returns to its value before the calls. And every call
 lets go of its logits (no reference cycle through the autograd context keeps them alive).
 """
 from __future__ import annotations
 
-import ctypes
 import gc
+import multiprocessing as mp
 import os
 import weakref
 
@@ -51,65 +54,92 @@ def make_call(op, backend, device, n=N, v=V):
     return call
 
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-DEFAULT_MMAP_THRESHOLD_MAX = 32 * 2**20  # where glibc's dynamic threshold stops (64-bit)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def freed_buffers_leave_the_resident_set():
-    """Serve every [N, V]-sized buffer by its own mmap, returned to the system on free.
-
-    glibc raises its mmap threshold each time a large mmapped block is freed, so after the
-    earlier tests a 1 MiB buffer comes from heap pages freed long ago: the resident set then
-    neither grows with a leak nor shrinks on free, and the measure is blind. A fixed
-    threshold (which also turns off the dynamic raise) makes the resident set follow the
-    buffers that are alive.
-    """
-    mallopt = ctypes.CDLL("libc.so.6").mallopt
-    assert mallopt(M_MMAP_THRESHOLD, 128 * 1024) == 1, "mallopt(M_MMAP_THRESHOLD) refused"
-    yield
-    mallopt(M_MMAP_THRESHOLD, DEFAULT_MMAP_THRESHOLD_MAX)
-
-
 def rss_bytes():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _cpu_growth(cases):
+    """In a fresh process: {case: (bytes the resident set grew over CALLS calls, whether a
+    finished call's logits stayed alive)}; case = (op, backend) or "leak" (a buffer kept per call)."""
+    out = {}
+    for case in cases:
+        if case == "leak":
+            kept = []
+            before = rss_bytes()
+            for _ in range(CALLS // 4):
+                kept.append(torch.ones(N, V))
+            out[case] = (rss_bytes() - before, False)
+            continue
+        op, backend = case
+        call = make_call(op, backend, "cpu")
+        reductions = ("none", "sum")
+        for i in range(WARMUP):
+            call(reductions[i % 2])
+        gc.collect()
+        before = rss_bytes()
+        alive = False
+        for i in range(CALLS):
+            alive |= call(reductions[i % 2])() is not None
+        gc.collect()
+        out[case] = (rss_bytes() - before, alive)
+    return out
+
+
+def _child(cases, queue):
+    os.environ["UNLEARN_EXT_POISON"] = "1"
+    queue.put(_cpu_growth(cases))
+
+
+@pytest.fixture(scope="module")
+def cpu_growth():
+    cases = [(op, name) for op in OPS for name, device in (p.values[0] for p in BACKENDS) if device == "cpu"]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by glibc when the child starts
+    try:
+        proc = ctx.Process(target=_child, args=(cases + ["leak"], queue))
+        proc.start()
+    finally:
+        if saved is None:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
+    result = queue.get(timeout=600)
+    proc.join()
+    assert proc.exitcode == 0, f"the measuring process failed (exit code {proc.exitcode})"
+    return result
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
-def test_repeated_calls_do_not_grow_memory(op, backend):
+def test_repeated_calls_do_not_grow_memory(op, backend, request):
     name, device = backend
-    n, v, calls = N, V, CALLS
-    call = make_call(op, name, device, n, v)
+    buffer = N * V * 4
+    if device == "cpu":
+        grown, alive = request.getfixturevalue("cpu_growth")[(op, name)]
+        assert not alive, f"{op}: the logits of a finished call are still alive (a reference cycle)"
+        assert grown < CALLS * buffer / 8, (f"{op}: resident memory grew by {grown / 2**20:.1f} MiB over {CALLS} "
+                                            f"calls (one [N, V] buffer is {buffer / 2**20:.1f} MiB)")
+        return
+    call = make_call(op, name, device)
     reductions = ("none", "sum")
     for i in range(WARMUP):
         call(reductions[i % 2])
     gc.collect()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-    else:
-        before = rss_bytes()
-    for i in range(calls):
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for i in range(CALLS):
         x = call(reductions[i % 2])
         assert x() is None, f"{op}: the logits of a finished call are still alive (a reference cycle)"
     gc.collect()
-    buffer = n * v * 4
-    if device == "cuda":
-        torch.cuda.synchronize()
-        grown = torch.cuda.memory_allocated() - before
-        assert grown < buffer, f"{op}: {grown} bytes still allocated after {calls} calls"
-    else:
-        grown = rss_bytes() - before
-        assert grown < calls * buffer / 8, (f"{op}: resident memory grew by {grown / 2**20:.1f} MiB over {calls} "
-                                            f"calls (one [N, V] buffer is {buffer / 2**20:.1f} MiB)")
+    torch.cuda.synchronize()
+    grown = torch.cuda.memory_allocated() - before
+    assert grown < buffer, f"{op}: {grown} bytes still allocated after {CALLS} calls"
 
 
-def test_leak_check_can_fail():
+def test_leak_check_can_fail(cpu_growth):
     """The CPU measure sees a leak of one [N, V] buffer per call."""
-    kept = []
-    before = rss_bytes()
-    for _ in range(CALLS // 4):
-        kept.append(torch.ones(N, V))
-    assert rss_bytes() - before >= (CALLS // 4) * N * V * 4 / 8
+    grown, _ = cpu_growth["leak"]
+    assert grown >= (CALLS // 4) * N * V * 4 / 2, f"a kept buffer per call grew the resident set by {grown} bytes"
