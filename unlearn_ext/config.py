@@ -5,11 +5,13 @@ so the command line can print them as one line.
 """
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .data.tofu import check_records, parse_records
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -31,26 +33,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def read_records(path: str | Path, fields: tuple[str, ...] = ("question", "answer")) -> list[dict]:
     """Records of a JSON file (a list of objects) or a JSON-lines file (one object per line,
     as TOFU ships them, whatever the suffix), each checked for ``fields`` (strings, except
-    ``label``)."""
+    ``label``; see :func:`unlearn_ext.data.tofu.check_records`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        raise ValueError(f"data file {path} is empty")
-    try:
-        if text.lstrip().startswith("["):
-            records = json.loads(text)
-        else:
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise ValueError(f"data file {path} is neither a JSON list nor JSON lines: {e}") from None
-    for i, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}, record {i}: expected an object, got {type(record).__name__}")
-        for name in fields:
-            if name not in record:
-                raise ValueError(f"{path}, record {i}: missing field {name!r}")
-            if name != "label" and not isinstance(record[name], str):
-                raise ValueError(f"{path}, record {i}: field {name!r} must be a string")
+    records = parse_records(os.fspath(path))
+    check_records(records, path, fields)
     return records

@@ -33,7 +33,8 @@ def _split_path(root: str | os.PathLike, name: str) -> str:
                             f"splits there: {', '.join(present) or 'none'}")
 
 
-def _parse(path: str) -> list[dict]:
+def parse_records(path: str) -> list:
+    """The JSON values of a JSON array file or a JSON-lines file; errors name the file and line."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
     if not text.strip():
@@ -54,7 +55,9 @@ def _parse(path: str) -> list[dict]:
     return records
 
 
-def _check(records: list, path: str, fields: tuple[str, ...]) -> None:
+def check_records(records: list, path: str | os.PathLike, fields: tuple[str, ...]) -> None:
+    """Every record an object with ``fields``: strings, except ``perturbed_answer`` (a
+    non-empty list of strings) and ``label`` (any JSON value)."""
     for i, r in enumerate(records):
         if not isinstance(r, dict):
             raise ValueError(f"{path}, record {i}: expected a JSON object, got {type(r).__name__}")
@@ -65,7 +68,7 @@ def _check(records: list, path: str, fields: tuple[str, ...]) -> None:
             if field == "perturbed_answer":
                 if not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
                     raise ValueError(f"{path}, record {i}: 'perturbed_answer' must be a non-empty list of strings")
-            elif not isinstance(value, str):
+            elif field != "label" and not isinstance(value, str):
                 raise ValueError(f"{path}, record {i}: {field!r} must be a string, got {type(value).__name__}")
 
 
@@ -78,12 +81,12 @@ def load_split(root: str | os.PathLike, name: str, fields: tuple[str, ...] | Non
     field at fault.
     """
     path = _split_path(root, name)
-    records = _parse(path)
+    records = parse_records(path)
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected JSON lines or a JSON array of objects")
     if fields is None:
         fields = PERTURBED_FIELDS if name.endswith("_perturbed") else QA_FIELDS
-    _check(records, path, fields)
+    check_records(records, path, fields)
     return records
 
 
