@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
 import unlearn_ext as ue
 from unlearn_ext.models.lm_head import lm_head_inputs, verify_lm_head
-
-transformers = pytest.importorskip("transformers", reason="transformers is a dependency of unlearn_ext")
 
 VOCAB = 97
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

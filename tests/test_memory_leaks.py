@@ -12,8 +12,8 @@ lets go of its logits (no reference cycle through the autograd context keeps the
 from __future__ import annotations
 
 import gc
-import multiprocessing as mp
 import os
+import sys
 import weakref
 
 import pytest
@@ -23,6 +23,9 @@ import unlearn_ext as ue
 
 from conftest import KERNEL_BACKEND_DEVICES
 from row_op_suite import is_interpreted
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from common import run_in_fresh_process  # noqa: E402  (the benchmarks' fresh-process measure)
 
 N, V = 32, 8192
 WARMUP, CALLS = 20, 120
@@ -94,22 +97,7 @@ def _child(cases, queue):
 @pytest.fixture(scope="module")
 def cpu_growth():
     cases = [(op, name) for op in OPS for name, device in (p.values[0] for p in BACKENDS) if device == "cpu"]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by glibc when the child starts
-    try:
-        proc = ctx.Process(target=_child, args=(cases + ["leak"], queue))
-        proc.start()
-    finally:
-        if saved is None:
-            del os.environ["MALLOC_MMAP_THRESHOLD_"]
-        else:
-            os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
-    result = queue.get(timeout=600)
-    proc.join()
-    assert proc.exitcode == 0, f"the measuring process failed (exit code {proc.exitcode})"
-    return result
+    return run_in_fresh_process(_child, cases + ["leak"])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
