@@ -48,8 +48,14 @@ struct RowArgs {
   const void* grad_rows = nullptr;  // backward: upstream gradient per row
   RowView grad;                     // gradient out (same dtype as the student); may alias it
   bool write_grad = false;          // forward: also write the gradient (fused path)
-  double grad_scale = 1.0;          // fused path: upstream gradient of every row
+  double grad_scale = 1.0;          // fused path: upstream gradient of every row, on the host
+  const double* grad_scale_device = nullptr;  // ... or in device memory (GPUs: no host sync)
 };
+
+// The fused path's upstream gradient, read where the binding left it.
+UE_HD double fused_grad_scale(const RowArgs& a) {
+  return a.grad_scale_device != nullptr ? *a.grad_scale_device : a.grad_scale;
+}
 
 // True when row r is skipped: loss 0, gradient exactly 0.
 UE_HD bool row_ignored(const RowArgs& a, int64_t r) {

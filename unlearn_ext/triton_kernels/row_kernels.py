@@ -75,7 +75,7 @@ def row_forward_kernel(
     T2, t2_rows, t2_inner, t2_outer,
     G, g_rows, g_inner, g_outer,
     LABELS, VALUES, STATS,
-    V, ignore_index, inv_t, alpha, gamma, grad_scale,
+    V, ignore_index, inv_t, alpha, gamma, GRAD_SCALE,
     OP: tl.constexpr, HAS_LABELS: tl.constexpr, NEEDS_LABEL: tl.constexpr, WRITE_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -116,6 +116,7 @@ def row_forward_kernel(
     tl.store(STATS + r * 4 + 2, tl.where(keep, stat2, 0.0))
     tl.store(STATS + r * 4 + 3, tl.where(keep, stat3, 0.0))
     if WRITE_GRAD:
+        grad_scale = tl.load(GRAD_SCALE) * inv_t  # on the device: the mean's divisor is never on the host
         _write_grad(s_row, t_row, t2_row, _row_start(G, r, g_rows, g_inner, g_outer), 0, tl.cdiv(V, BLOCK), V,
                     limit, y, inv_t, alpha, gamma, ms0, stat1, stat2, stat3, _nan_without_label(grad_scale, y, V, NEEDS_LABEL),
                     True, OP, BLOCK)
