@@ -94,18 +94,14 @@ def _teacher_logits(plan: ChunkPlan, start: int, stop: int) -> list[torch.Tensor
 
 
 def _reference_rows(plan, z, teachers, labels, upstream, start, stop):
-    """The torch backend: the reference op on the chunk, its gradient by autograd."""
+    """The torch backend: the reference op on the chunk, its gradient by torch.func.vjp
+    (which torch.compile traces; torch.autograd.grad would break the graph)."""
     if upstream is None:
         return plan.reference_fn(z, *teachers, labels), None
-    with torch.enable_grad():
-        leaf = z.detach().requires_grad_(True)
-        values = plan.reference_fn(leaf, *teachers, labels)
-        if callable(upstream):
-            grad_rows = upstream(values.detach(), start, stop)
-        else:
-            grad_rows = _constant_rows(upstream, values)
-        (grad,) = torch.autograd.grad(values, leaf, grad_rows)
-    return values.detach(), grad
+    values, vjp = torch.func.vjp(lambda x: plan.reference_fn(x, *teachers, labels), z.detach())
+    grad_rows = upstream(values, start, stop) if callable(upstream) else _constant_rows(upstream, values)
+    (grad,) = vjp(grad_rows.to(values.dtype))
+    return values, grad
 
 
 def _constant_rows(upstream: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -119,10 +119,9 @@ class _SequenceChunks:
     def upstream(self, values, start, stop):
         first, last = self.chunk_sequences[start]
         local = self.position[start:stop] - first
-        with torch.enable_grad():
-            logprob = values.new_zeros(last - first).index_add_(0, local, values.detach()).requires_grad_(True)
-            (grad,) = torch.autograd.grad(self._loss(logprob, first, last), logprob)
-        return grad[local]
+        logprob = values.new_zeros(last - first).index_add_(0, local, values.detach())
+        # torch.func.grad, not torch.autograd.grad: torch.compile traces it.
+        return torch.func.grad(lambda lp: self._loss(lp, first, last))(logprob)[local]
 
 
 def max_one(n):
