@@ -25,7 +25,8 @@ import unlearn_ext as ue
 import unlearn_ext.fused_linear.sequence as fl_sequence
 from unlearn_ext.fused_linear import _plan
 
-pytestmark = pytest.mark.skipif(not ue.backends()["cpu"].available, reason="the fake kernels come with the C++ op schemas")
+pytestmark = pytest.mark.skipif(not ue.backends()["cpu"].available,
+                                reason="the fake kernels come with the C++ op schemas")
 
 B, T, H, V = 2, 5, 8, 33
 # Ops whose result is a host value by definition (none of ours may call them on the GPU path).

@@ -66,7 +66,7 @@ def prepare(op: str, student, teachers, labels, *, labels_required: bool, refere
 
     index = None
     count = student.hidden.shape[:-1].numel()
-    counted_rows = count  # the mean's divisor: the rows whose label counts (a device tensor if not counted on the host)
+    counted_rows = count  # the mean's divisor: rows whose label counts (a device tensor off the host)
     if flat_labels is not None:
         counted = flat_labels != ignore_index
         if host_reads_are_free(flat_labels):
@@ -94,8 +94,9 @@ def prepare(op: str, student, teachers, labels, *, labels_required: bool, refere
 
 
 def _autocast_on(head) -> bool:
-    hidden = head[0] if isinstance(head, tuple) and head and isinstance(head[0], torch.Tensor) else None
-    if hidden is None:
+    """Whether autocast is on for the device of a (not yet checked) head's hidden states."""
+    hidden = head[0] if isinstance(head, tuple) and head else None
+    if not isinstance(hidden, torch.Tensor):
         return False
     device_type = hidden.device.type
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)

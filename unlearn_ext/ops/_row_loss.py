@@ -118,8 +118,9 @@ class RowLossFunction(torch.autograd.Function):
             if ctx.scaled:
                 raise RuntimeError(
                     f"unlearn_ext: {ctx.op} wrote its gradient during the forward (reduction={ctx.reduction!r}) and "
-                    "a first backward scaled it in place (on GPUs: may have, decided on the device); a second backward through the same graph "
-                    "(retain_graph=True) is not supported. Use reduction='none' and reduce the result yourself.")
+                    "a first backward scaled it in place (off the CPU: may have, decided on the device); a second "
+                    "backward through the same graph (retain_graph=True) is not supported. Use reduction='none' "
+                    "and reduce the result yourself.")
             (grad,) = ctx.saved_tensors
             # The forward wrote the gradient for an upstream gradient of 1.
             ctx.scaled = scale_grad_(_kernels(ctx.backend), grad, g)
