@@ -59,9 +59,9 @@ void scale_grad(at::Tensor grad, const at::Tensor& scale) {
 }  // namespace
 
 TORCH_LIBRARY(unlearn_ext, m) {
-  m.def("row_loss_forward(str op, Tensor logits, Tensor? teacher, Tensor? teacher2, Tensor? labels, int ignore_index, float inv_temperature, float alpha, float gamma) -> (Tensor, Tensor)");
-  m.def("row_loss_forward_with_grad(str op, Tensor logits, Tensor? teacher, Tensor? teacher2, Tensor? labels, int ignore_index, float inv_temperature, float alpha, float gamma, Tensor(a!) grad, Tensor grad_scale) -> (Tensor, Tensor)");
-  m.def("row_loss_backward(str op, Tensor logits, Tensor? teacher, Tensor? teacher2, Tensor? labels, Tensor stats, Tensor grad_rows, int ignore_index, float inv_temperature, float alpha, float gamma, Tensor(a!) grad) -> ()");
+  m.def("row_loss_forward(str op, Tensor logits, Tensor? teacher, Tensor? teacher2, Tensor? labels, int ignore_index, float[] params) -> (Tensor, Tensor)");
+  m.def("row_loss_forward_with_grad(str op, Tensor logits, Tensor? teacher, Tensor? teacher2, Tensor? labels, int ignore_index, float[] params, Tensor(a!) grad, Tensor grad_scale) -> (Tensor, Tensor)");
+  m.def("row_loss_backward(str op, Tensor logits, Tensor? teacher, Tensor? teacher2, Tensor? labels, Tensor stats, Tensor grad_rows, int ignore_index, float[] params, Tensor(a!) grad) -> ()");
   // The fused path's backward: grad *= scale (the upstream gradient), a no-op when it is 1,
   // decided on the device.
   m.def("scale_grad(Tensor(a!) grad, Tensor scale) -> ()");

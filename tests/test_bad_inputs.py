@@ -24,6 +24,8 @@ import torch
 
 import unlearn_ext as ue
 from unlearn_ext._backends import resolve
+from unlearn_ext._fake_ops import NUM_STATS
+from unlearn_ext.ops._row_loss import RowParams
 
 from conftest import BACKEND_DEVICES
 from reliability_tally import tally
@@ -50,16 +52,18 @@ def raw_cases(device="cpu"):
     ops = torch.ops.unlearn_ext
     torch.set_default_device(device)
     x, y = torch.randn(N, V), torch.randint(0, V, (N,))
-    stats, grad_rows, grad = torch.zeros(N, 4), torch.ones(N), torch.empty(N, V)
+    stats, grad_rows, grad = torch.zeros(N, NUM_STATS), torch.ones(N), torch.empty(N, V)
+    params = RowParams().scalars()
 
     def fwd(op="cross_entropy", logits=x, teacher=None, teacher2=None, labels=y, inv_t=1.0, alpha=0.0, gamma=0.0):
-        return lambda: ops.row_loss_forward(op, logits, teacher, teacher2, labels, IGNORE, inv_t, alpha, gamma)
+        p = RowParams(IGNORE, inv_t, alpha, gamma).scalars()
+        return lambda: ops.row_loss_forward(op, logits, teacher, teacher2, labels, IGNORE, p)
 
     def fwd_grad(g, op="cross_entropy", logits=x, labels=y, scale=torch.ones(())):
-        return lambda: ops.row_loss_forward_with_grad(op, logits, None, None, labels, IGNORE, 1.0, 0.0, 0.0, g, scale)
+        return lambda: ops.row_loss_forward_with_grad(op, logits, None, None, labels, IGNORE, params, g, scale)
 
     def bwd(st=stats, gr=grad_rows, g=grad, labels=y, op="cross_entropy", logits=x, teacher=None):
-        return lambda: ops.row_loss_backward(op, logits, teacher, None, labels, st, gr, IGNORE, 1.0, 0.0, 0.0, g)
+        return lambda: ops.row_loss_backward(op, logits, teacher, None, labels, st, gr, IGNORE, params, g)
 
     nan_row = x.clone()
     nan_row[1, 3] = float("nan")
