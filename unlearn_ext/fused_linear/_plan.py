@@ -41,12 +41,14 @@ def _bytes_per_row(student: LMHeadInputs, teachers, reference: bool) -> int:
 
 def prepare(op: str, student, teachers, labels, *, labels_required: bool, reference_fn, ignore_index: int,
             temperature: float, backend: str | None, chunk_size: int | None, alpha: float = 0.0,
-            gamma: float = 0.0, arrange: Arrange = _even) -> tuple[LMHeadInputs, ChunkPlan]:
+            gamma: float = 0.0, arrange: Arrange = _even, **options) -> tuple[LMHeadInputs, ChunkPlan]:
     """Checks every argument (errors name it) and builds the plan of one call.
 
     ``student``: (hidden, weight, bias, softcap); ``teachers``: (argument name, head) pairs.
     Rows whose label is ``ignore_index`` are left out of the loop (one host synchronisation
-    to count them)."""
+    to count them). ``options``: further RowParams fields (label_smoothing, lse_square_scale,
+    beta), checked by the caller; the softcap is applied to the chunk logits here, not by
+    the kernels."""
     student = check_head(student, "")
     teachers = [check_head(t, name, like=student) for name, t in teachers]
     temperature = check_finite("temperature", temperature, positive=True)
@@ -69,7 +71,7 @@ def prepare(op: str, student, teachers, labels, *, labels_required: bool, refere
     index, bounds = arrange(index, count, chunk)
     rows = Rows(student.hidden.shape[:-1], index, bounds)
     plan = ChunkPlan(
-        op=op, params=RowParams(ignore_index, 1.0 / temperature, float(alpha), float(gamma)), kernels=kernels,
+        op=op, params=RowParams(ignore_index, 1.0 / temperature, float(alpha), float(gamma), **options), kernels=kernels,
         reference_fn=reference_fn, rows=rows,
         labels=None if flat_labels is None else rows.gather(flat_labels.view(rows.lead_shape)),
         teachers=tuple(LMHeadInputs(t.hidden.detach(), t.weight.detach(),
@@ -92,12 +94,12 @@ class Reduce:
 
 def row_loss(op: str, hidden, weight, teachers, labels, *, bias, softcap, labels_required: bool, reference_fn,
              ignore_index: int, temperature: float, reduction: str, backend, chunk_size, alpha: float = 0.0,
-             gamma: float = 0.0) -> torch.Tensor:
+             gamma: float = 0.0, **options) -> torch.Tensor:
     """A row op of unlearn_ext.ops on logits that are never materialised."""
     check_reduction(reduction)
     student, plan = prepare(op, (hidden, weight, bias, softcap), teachers, labels, labels_required=labels_required,
                             reference_fn=reference_fn, ignore_index=ignore_index, temperature=temperature,
-                            backend=backend, chunk_size=chunk_size, alpha=alpha, gamma=gamma)
+                            backend=backend, chunk_size=chunk_size, alpha=alpha, gamma=gamma, **options)
     objective = None if reduction == "none" else Reduce(plan.rows.count if reduction == "mean" else 1)
     return apply(student, plan, objective)
 
