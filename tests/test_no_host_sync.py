@@ -122,6 +122,7 @@ FUSED = {
     "reverse_kl": lambda h, w, t, y, **k: ue.fused_linear_reverse_kl(h, w, t, y, **k),
     "rkld": lambda h, w, t, y, **k: ue.fused_linear_rkld(h, w, t, t, y, **k),
     "undial": lambda h, w, t, y, **k: ue.fused_linear_undial(h, w, t, y, **k),
+    "jsd": lambda h, w, t, y, **k: ue.fused_linear_jsd(h, w, t, y, beta=0.3, **k),
 }
 
 
