@@ -205,8 +205,8 @@ class EULForCausalLM:
 
 
 def save_unlearning_layers(model: torch.nn.Module, directory: str | Path) -> None:
-    """Write the model's unlearning layers (if any) beside a backbone saved in
-    ``directory``, and mark its ``config.json`` so that plain transformers cannot load it
+    """Write the model's unlearning layers (if any) into ``directory`` and, when a backbone
+    is saved there, mark its ``config.json`` so that plain transformers cannot load it
     as the backbone alone (see the module's docstring)."""
     layers = unlearning_layers(model)
     if layers is None:
@@ -216,6 +216,8 @@ def save_unlearning_layers(model: torch.nn.Module, directory: str | Path) -> Non
               str(directory / WEIGHTS_FILE))
     (directory / CONFIG_FILE).write_text(json.dumps(layers.config))
     config_path = directory / "config.json"
+    if not config_path.is_file():  # the layers alone (no backbone saved here): nothing to mark
+        return
     config = json.loads(config_path.read_text())
     config.update(base_model_type=config["model_type"], model_type=MODEL_TYPE,
                   auto_map={"AutoConfig": f"{AUTO_MODULE}.EULConfig",

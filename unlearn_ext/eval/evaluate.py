@@ -27,9 +27,10 @@ from .scoring import greedy_answers, score_answers
 
 KINDS = ("forget", "retain", "options", "holdout")
 UTILITY_METRICS = ("prob", "rouge", "truth_ratio")
-# Greedy answers stop at the end-of-sequence token or after this many tokens: TOFU's
-# answers are a sentence or two, and open-unlearning evaluates TOFU with this limit, so an
-# unlearned model's rambling (or a refusal before the facts) is seen whole.
+# `unlearn-ext eval`'s generation limit: greedy answers stop at the end-of-sequence token or
+# after this many tokens. TOFU's answers are a sentence or two and open-unlearning evaluates
+# TOFU with this limit, so an unlearned model's rambling (or a refusal before the facts) is
+# seen whole.
 MAX_NEW_TOKENS = 200
 
 
@@ -103,7 +104,8 @@ def _evaluate_set(model, tokenizer, records, kind, plan, *, generate, batch_size
             per_example["truth_ratio_raw"] = ratios.tolist()
             result["truth_ratio"] = metrics.truth_ratio_score(ratios, forget=kind == "forget")
         if generate:
-            answers = greedy_answers(model, tokenizer, questions, max_new_tokens=max_new_tokens, batch_size=batch_size,
+            limit = max_new_tokens or min(128, int(group("answer", "length").max()) + 8)
+            answers = greedy_answers(model, tokenizer, questions, max_new_tokens=limit, batch_size=batch_size,
                                      on_batch=tick)
             rouge = metrics.rouge_l_recall(answers, [r["answer"] for r in records])
             per_example["generation"], per_example["rouge"] = answers, rouge
@@ -114,7 +116,7 @@ def _evaluate_set(model, tokenizer, records, kind, plan, *, generate, batch_size
 
 def evaluate(model, tokenizer, eval_sets: Mapping[str, Sequence[Mapping]], *, kinds: Mapping[str, str] | None = None,
              retain_reference: Mapping | None = None, generate: bool = True, batch_size: int = 16,
-             max_new_tokens: int = MAX_NEW_TOKENS, mia_k: float = 0.4, backend: str | None = None,
+             max_new_tokens: int | None = None, mia_k: float = 0.4, backend: str | None = None,
              progress: bool = False) -> dict:
     """Evaluate ``model`` on every set of ``eval_sets`` ({name: records}).
 
@@ -126,10 +128,12 @@ def evaluate(model, tokenizer, eval_sets: Mapping[str, Sequence[Mapping]], *, ki
     the retain-only model on the same forget set, is given).
 
     ``generate=False`` skips greedy generation and ROUGE (much faster); greedy answers stop
-    at the end-of-sequence token or after ``max_new_tokens``; ``mia_k`` is Min-K's
+    at the end-of-sequence token or after ``max_new_tokens`` (the command line: 200,
+    ``MAX_NEW_TOKENS``; None here: the longest reference answer + 8 tokens, at most 128,
+    which keeps the benchmark's cost, but cuts long answers short); ``mia_k`` is Min-K's
     fraction of tokens; ``backend`` picks the ``token_logprob`` kernel.
     """
-    if max_new_tokens is None or max_new_tokens < 1:
+    if max_new_tokens is not None and max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     kinds = check_sets(eval_sets, kinds)
     if retain_reference is not None:
