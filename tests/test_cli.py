@@ -182,6 +182,9 @@ def test_keep_checkpoints_keeps_the_last_one_and_save_dtype_overrides(capsys, fi
     assert code == 0, err
     step = tmp_path / "run/checkpoints/step_2"
     assert sorted(p.name for p in step.iterdir()) == ["optimizer.safetensors", "state.json", "trainable.safetensors"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert all(_mode(p) == 0o666 & ~mask for p in step.iterdir())  # not safetensors' 0600
     assert {t.dtype for t in load_file(str(tmp_path / "run/model/model.safetensors")).values()} == {torch.float16}
 
 
@@ -402,3 +405,42 @@ def test_eul_output_does_not_load_as_the_untouched_model(capsys, files, tmp_path
     with torch.no_grad():
         torch.testing.assert_close(with_layers(ids).logits, ours(ids).logits)
         assert not torch.allclose(with_layers(ids).logits, plain(ids).logits, atol=1e-4)  # the layers act
+
+
+def test_resuming_a_completed_run_is_refused(capsys, files, tmp_path):
+    code, _, err = run(capsys, *_unlearn(files, tmp_path / "run"))
+    assert code == 0, err
+    first = (tmp_path / "run/model/model.safetensors").read_bytes()
+    code, _, err = run(capsys, *_unlearn(files, tmp_path / "run", "--resume"))
+    assert code == 2 and "completed" in err and "nothing to resume" in err
+    assert (tmp_path / "run/model/model.safetensors").read_bytes() == first
+
+
+def test_a_killed_run_resumes_with_its_evaluations(capsys, files, tmp_path, monkeypatch):
+    """Stopped after step 3 (checkpoint at step 2, evaluations at 0 and 2): resuming keeps
+    the evaluations up to step 2, redoes step 3's, and ends like an uninterrupted run."""
+    from unlearn_ext import trainer
+    argv = _unlearn(files, tmp_path / "run", "--max-steps", 4, "--eval-every", 1, "--save-every", 2,
+                    "--no-fused")
+    real = trainer._evaluate_now
+
+    def stop_after_3(evaluator, student, step, *rest):
+        real(evaluator, student, step, *rest)
+        if step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "_evaluate_now", stop_after_3)
+    code, _, err = run(capsys, *argv)
+    assert code == 130
+    monkeypatch.setattr(trainer, "_evaluate_now", real)
+    code, _, err = run(capsys, *argv, "--resume")
+    assert code == 0, err
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run/eval.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3, 4]
+    code, _, err = run(capsys, *[a if a != tmp_path / "run" else tmp_path / "straight" for a in argv])
+    assert code == 0, err
+    for name in ("run", "straight"):
+        assert not (tmp_path / name / "checkpoints").exists()
+    a, b = (load_file(str(tmp_path / n / "model/model.safetensors")) for n in ("run", "straight"))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

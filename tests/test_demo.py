@@ -79,3 +79,18 @@ def test_a_bad_method_option_fails_before_the_model_loads():
         raise AssertionError("the model was loaded")
     with pytest.raises(ValueError, match="has no option 'gamma'"):
         demo.main(["--method", "npo", "--method-arg", "gamma=1", "--no-progress"], load=load, sets=SETS)
+
+
+@pytest.mark.parametrize("method,out", [("npo_rt", "runs/demo"), ("simnpo", "runs/demo/simnpo")])
+def test_make_demo_takes_a_method(method, out):
+    """`make demo METHOD=<name>`: the demo with that method (dry run: the command make would run)."""
+    import pathlib
+    import shutil
+    import subprocess
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    root = pathlib.Path(__file__).parents[1]
+    args = ["make", "-n", "demo"] + ([f"METHOD={method}"] if method != "npo_rt" else [])
+    done = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert f"-m unlearn_ext.demo --method {method} --out {out}" in done.stdout.splitlines()[-1]

@@ -30,7 +30,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -42,7 +42,8 @@ from . import adapters, checkpoint
 from .eval import dynamics
 from .file_modes import follow_umask
 from .methods.base import Method, Models, PrepareData
-from .run_dir import claim_output_dir, git_commit, peak_memory, start_line, summary_line, versions, write_manifest
+from .run_dir import (claim_output_dir, git_commit, peak_memory, read_manifest, start_line, summary_line, versions,
+                      write_manifest)
 from .train_layers import decoder_blocks, select_train_layers
 
 
@@ -268,6 +269,9 @@ def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
     resume_from = None
     if config.resume and ckpt_root is not None and checkpoint.list_checkpoints(ckpt_root):
         resume_from = checkpoint.list_checkpoints(ckpt_root)[-1]
+    elif config.resume and out is not None and _completed(out):
+        raise ValueError(f"the run in {out} completed (its checkpoints were deleted): there is nothing to resume; "
+                         "pass --overwrite to run it again, or choose another output directory")
     if (config.eval_every > 0) != (evaluator is not None):
         raise ValueError("eval_every and an evaluator go together (the command line builds it from the forget "
                          "and retain sets)")
@@ -329,8 +333,10 @@ def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
         _truncate_log(log_path, start)  # also when a killed run saved no checkpoint at all
         if evaluator is not None:
             _truncate_log(eval_path, start)
-            evaluator.restore(dynamics.read_records(eval_path))
         write_manifest(out, manifest)
+    acc.wait_for_everyone()
+    if evaluator is not None and out is not None:  # every rank: they must agree on the best evaluation
+        evaluator.restore(dynamics.read_records(eval_path))
     if config.verbose and acc.is_main_process:
         print(start_line(manifest) + (f" (resumed at step {start})" if start else ""), flush=True)
 
@@ -404,6 +410,13 @@ def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
         print(summary_line(summary), flush=True)
     models.student = acc.unwrap_model(student)
     return models.student
+
+
+def _completed(out: Path) -> bool:
+    try:
+        return "summary" in read_manifest(out)
+    except (OSError, ValueError):
+        return False
 
 
 def _check_train_layers(method: Method, student, config: TrainConfig) -> None:
