@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 
 MANIFEST = "manifest.json"
-# What a run writes: checkpoints, logs, the model, the best model, EUL's request, eval dynamics.
-RUN_ENTRIES = ("checkpoints", "log.jsonl", MANIFEST, "model", "best", "eul", "eval.jsonl", "eval.png")
+# What a run writes: checkpoints, logs, the model, LoRA adapters, the best model, EUL's request, eval dynamics.
+RUN_ENTRIES = ("checkpoints", "log.jsonl", MANIFEST, "model", "adapter", "best", "eul", "eval.jsonl", "eval.png",
+               "train_config.json")  # the last: what runs before manifest.json wrote
 
 
 def check_output_dir(out: str | os.PathLike, *, resume: bool, overwrite: bool) -> None:
