@@ -309,20 +309,33 @@ def test_retain_batch_size(capsys, files, tmp_path):
 def test_eval_every_logs_plots_and_keeps_the_best(capsys, files, tmp_path):
     out = tmp_path / "run"
     code, stdout, err = run(capsys, *_unlearn(files, out, "--max-steps", 4, "--eval-every", 2, "--keep-best",
-                                              "--lr", "3e-3"))
+                                              "--lr", "3e-3", method="graddiff"))
     assert code == 0, err
     records = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 2, 4]
     assert all({"forget.prob", "retain.prob", "forget_prob", "retain_prob"} <= set(r) for r in records)
-    assert records[-1]["forget_prob"] < records[0]["forget_prob"]  # gradient ascent did forget
+    assert records[-1]["forget_prob"] < records[0]["forget_prob"]  # it did forget
     assert (out / "eval.png").stat().st_size > 1000
     best = json.loads((out / "manifest.json").read_text())["summary"]["best"]
     floor = 0.9 * records[0]["retain_prob"]
     want = min((r for r in records if r["retain_prob"] >= floor), key=lambda r: r["forget_prob"])
-    assert best["step"] == want["step"] and "0.9 x its value at step 0" in best["criterion"]
-    assert (out / "best/model.safetensors").is_file() and "best (step" in stdout
+    assert best["step"] == want["step"] > 0 and "0.9 x its value at step 0" in best["criterion"]
+    assert (out / "best/model.safetensors").is_file() and f"best evaluation: step {want['step']}, model in" in stdout
+    saved = load_file(str(out / "best/model.safetensors"))
+    if want["step"] == 4:  # the last step: best/ is the final model
+        final = load_file(str(out / "model/model.safetensors"))
+        assert all(torch.equal(saved[k], final[k]) for k in final)
     code, _, err = run(capsys, *_unlearn(files, tmp_path / "x", "--keep-best"))
     assert code == 2 and "need --eval-every" in err
+
+
+def test_keep_best_saves_nothing_when_no_step_beats_the_start(capsys, files, tmp_path):
+    """lr 0 (constant): nothing moves, every evaluation equals step 0's, which stays the best."""
+    code, stdout, err = run(capsys, *_unlearn(files, tmp_path / "run", "--eval-every", 1, "--keep-best", "--lr", 0,
+                                              "--lr-schedule", "constant"))
+    assert code == 0, err
+    assert not (tmp_path / "run/best").exists()
+    assert "best evaluation: step 0 (the starting model" in stdout
 
 
 # ---- eval and compare ---------------------------------------------------------------------------------

@@ -115,8 +115,8 @@ RUN_OPTS = MODEL_OPTS + [
     Opt("max-grad-norm", _optional_float, 1.0, "gradient clipping norm; 0 or none: no clipping"),
     Opt("train-layers", default=None, help="which transformer blocks train: all, top:N (the N highest), bottom:N "
                                            "or A-B (from 0 at the input); default: every parameter"),
-    Opt("gradient-checkpointing", _bool, False, "recompute activations in the backward pass (less memory, "
-                                                "~30 %% more time)", flag_kind="bool"),
+    Opt("gradient-checkpointing", _bool, False, "recompute each block's activations in the backward pass "
+                                                "(less memory, one more forward pass of time)", flag_kind="bool"),
     Opt("bf16", _bool, None, "bf16 autocast; default: on where the GPU supports it, off on CPU", flag_kind="bool"),
     Opt("seed", int, 0, "seed of every random draw (data order, retain sampling, initialisations)"),
     Opt("log-every", int, 1, "steps between log lines in log.jsonl"),

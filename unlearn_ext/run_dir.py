@@ -120,6 +120,10 @@ def summary_line(summary: dict) -> str:
                                                                                        "elapsed_s", "grad_norm"))
     memory = ", ".join(f"{k.removesuffix('_gib')} {v:.2f} GiB" for k, v in summary["peak_memory"].items())
     where = f"; model in {summary['model']}" if summary.get("model") else ""
-    best = f"; best (step {summary['best']['step']}) in {summary['best']['model']}" if summary.get("best") else ""
+    best = ""
+    if summary.get("best"):
+        best = f"; best evaluation: step {summary['best']['step']}" + (
+            f", model in {summary['best']['model']}" if summary["best"]["model"] else
+            " (the starting model: no later evaluation met the criterion)" if summary["best"]["step"] == 0 else "")
     return (f"done: {summary['steps']} steps in {summary['time_s']:.1f} s; final {losses}; peak memory {memory}"
             f"{where}{best}")

@@ -475,8 +475,9 @@ def run_summary(record: dict, steps: int, seconds: float, out: Path | None, eval
                "model": str(out / "model") if out is not None else None,
                "checkpoints": str(out / "checkpoints") if out is not None and config.keep_checkpoints else None}
     if evaluator is not None and evaluator.best() is not None:
-        summary["best"] = {**evaluator.best(), "criterion": dynamics.CRITERION,
-                           "model": str(out / "best") if out is not None and config.keep_best else None}
+        best = evaluator.best()
+        saved = out is not None and config.keep_best and best["step"] > 0
+        summary["best"] = {**best, "criterion": dynamics.CRITERION, "model": str(out / "best") if saved else None}
     return summary
 
 
@@ -493,7 +494,7 @@ def _evaluate_now(evaluator, student, step: int, total: int, out: Path | None, a
     if acc.is_main_process:
         _log_line(out / "eval.jsonl", record)
         evaluator.plot(out / "eval.png", title=config.desc)
-    if config.keep_best and evaluator.best()["step"] == step:
+    if config.keep_best and step > 0 and evaluator.best()["step"] == step:  # step 0 is the starting model
         save_model(student, out / "best", acc, dtype=config.save_dtype)
 
 

@@ -9,7 +9,8 @@ every ``every`` steps, and at the last step. One JSON line per evaluation goes t
 The best evaluation (``CRITERION``): the lowest forget-set answer probability among the
 evaluations whose retain answer probability (mean over the retain and options sets) is at
 least ``0.9 ×`` its value at step 0. Step 0 always qualifies, so there is always a best
-one; when it is step 0, no step improved on the starting model.
+one; when it is step 0, no step improved on the starting model (and ``--keep-best`` saves
+nothing: that model is the run's input).
 """
 from __future__ import annotations
 
