@@ -1,4 +1,6 @@
 """SimNPO: γ·(2/β)·softplus(−β(NLL_b/|y_b| − δ)) averaged over forget sequences + α·NLL_retain."""
+import warnings
+
 import pytest
 import torch.nn.functional as F
 from tiny_lm import assert_matches, cpu_backends, mean_nll, one_thread, seq_logprob, setup_method, shifted  # noqa: F401
@@ -26,3 +28,11 @@ def test_the_weight_is_on_the_forget_term():
     on the retain NLL) are the defaults."""
     o = SimNPO().options
     assert (o.forget_weight, o.retain_weight, o.beta, o.delta) == (0.1375, 1.0, 2.5, 0.0)
+
+
+def test_a_config_from_before_the_fix_is_warned_about():
+    with pytest.warns(UserWarning, match="retain_weight 0.1375 is the SimNPO authors' \\*forget\\* weight"):
+        SimNPO(retain_weight=0.1375)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SimNPO()

@@ -15,9 +15,12 @@ to 0.1375 with the forget term unweighted: a retain/forget ratio 53× too small.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 from .base import Method, option
+
+AUTHORS_FORGET_WEIGHTS = (0.1375, 0.125)
 
 
 @dataclass
@@ -33,6 +36,13 @@ class SimNPO(Method):
     name = "simnpo"
     Options = SimNPOOptions
     open_unlearning_names = {"gamma": "forget_weight", "alpha": "retain_weight"}
+
+    def __init__(self, options=None, **kwargs):
+        super().__init__(options, **kwargs)
+        if self.options.retain_weight in AUTHORS_FORGET_WEIGHTS:  # what configs written before said
+            warnings.warn(f"simnpo: retain_weight {self.options.retain_weight} is the SimNPO authors' *forget* "
+                          f"weight (npo_coeff); it belongs in forget_weight (the retain NLL has weight 1 in "
+                          f"their code)", UserWarning, stacklevel=2)
 
     def needs_retain(self):
         return self.options.retain_weight != 0
