@@ -39,7 +39,8 @@ def option(default, help: str, choices: tuple[str, ...] | None = None):
 def masking_option():
     """The ``masking`` option of the methods with an UnDIAL or KL term (DESIGN.md)."""
     return option("answer", "answer: UnDIAL and KL terms average over answer tokens; open_unlearning: over every "
-                            "position, as open-unlearning computes them (to compare with its leaderboards)", MASKINGS)
+                            "position, as open-unlearning computes them (to compare with its leaderboards); NLL "
+                            "terms are the same either way", MASKINGS)
 
 
 def check_choices(options) -> None:
