@@ -4,7 +4,7 @@ test_method_rmu.py, test_method_idkdpo.py).
 
 - open-unlearning (locuslab/open-unlearning): ``src/trainer/utils.py`` (``compute_kl_divergence``,
   ``compute_batch_nll``, ``compute_dpo_loss``, ``compute_undial_loss``) and the
-  ``compute_loss`` of ``src/trainer/unlearn/{grad_diff,npo,simnpo,undial,dpo,rmu}.py``;
+  ``compute_loss`` of ``src/trainer/unlearn/{grad_ascent,grad_diff,npo,simnpo,undial,dpo,rmu}.py``;
   every loss is ``gamma·forget + alpha·retain``.
 - the SimNPO authors (OPTML-Group/Unlearn-Simple): ``TOFU/dataloader.py``, loss type
   ``simnpo_grad_diff``: ``npo_coeff·forget + grad_diff_coeff·retain``.
@@ -71,6 +71,11 @@ def undial_every_position(model, ref_model, part, beta):
 def retain_term(model, ref_model, part, kind):
     """``GradDiff.compute_retain_loss``: HF's mean NLL, or ``kl_every_position``."""
     return _run(model, part).loss if kind == "NLL" else kl_every_position(model, ref_model, part)
+
+
+def grad_ascent_loss(model, batch):
+    """``GradAscent.compute_loss``: −HF's mean NLL on the forget batch."""
+    return -_run(model, batch["forget"]).loss
 
 
 def graddiff_loss(model, ref_model, batch, *, gamma=1.0, alpha=1.0, retain_loss_type="NLL"):

@@ -71,6 +71,7 @@ def test_only_the_mlps_below_the_layer_train():
 
 
 @pytest.mark.parametrize("options,message", [({"layer": 2}, "option 'layer': 2 is not a decoder layer"),
+                                             ({"layer": -2}, "option 'layer': -2 is not a decoder layer"),
                                              ({"trainable": "nothing\\.matches"}, "matches no parameter name"),
                                              ({"trainable": "("}, "neither mlp, all nor a regex")])
 def test_bad_options_are_named(options, message):

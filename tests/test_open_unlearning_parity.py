@@ -2,6 +2,7 @@
 loss and gradients equal a transcription of open-unlearning's code, or of the SimNPO
 authors' (tests/open_unlearning_ref.py), with their published weights. UnDIAL and the KL
 retain terms match with ``masking: open_unlearning``; the default (answer tokens) differs.
+EUL and the evaluator-guided method are not in open-unlearning (and have no public loss code).
 """
 import copy
 
@@ -10,8 +11,8 @@ import pytest
 import torch
 from tiny_lm import one_thread, perturbed, setup_method, tiny_llama  # noqa: F401
 
-from unlearn_ext.methods import (NPOKL, NPORT, RKLD, RMU, FusedLinearHead, GradDiff, IdkDPO, LogitsHead, Method,
-                                 Models, SimNPO, UnDIAL, freeze)
+from unlearn_ext.methods import (GA, NPOKL, NPORT, RKLD, RMU, FusedLinearHead, GradDiff, IdkDPO, LogitsHead,
+                                 Method, Models, SimNPO, UnDIAL, freeze)
 
 HEADS = {"logits": LogitsHead, "fused": FusedLinearHead}
 
@@ -43,6 +44,12 @@ def check_parity(method, theirs, *, seed=None):
 def on_head(method, head):
     method.head = HEADS[head]()
     return method
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_ga(head):
+    m = on_head(setup_method(GA, reference=False), head)
+    check_parity(m, lambda b: ou.grad_ascent_loss(m.models.student, b))
 
 
 @pytest.mark.parametrize("head", HEADS)

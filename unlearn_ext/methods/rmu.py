@@ -96,8 +96,8 @@ class RMU(Method):
         super().prepare(models, data)
         o, student = self.options, models.student
         layers = decoder_layers(student)
-        index = o.layer if o.layer >= 0 else len(layers) // 3
-        if index >= len(layers):
+        index = len(layers) // 3 if o.layer == -1 else o.layer
+        if not 0 <= index < len(layers):
             raise ValueError(f"option 'layer': {o.layer} is not a decoder layer of this model "
                              f"(it has {len(layers)}: 0 to {len(layers) - 1})")
         self.layer = index
