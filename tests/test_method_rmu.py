@@ -65,7 +65,8 @@ def test_only_the_mlps_below_the_layer_train():
     assert trained and all(n.startswith(("model.layers.0.mlp.", "model.layers.1.mlp.")) for n in trained)
     assert {n.split(".mlp.")[0] for n in trained} == {"model.layers.0", "model.layers.1"}
     m = setup_method(RMU, layer=1, trainable=r"model\.layers\.1\.mlp\.down_proj\.weight")  # WMDP's param_ids [6]
-    assert [n for n, p in m.models.student.named_parameters() if p.requires_grad] == ["model.layers.1.mlp.down_proj.weight"]
+    trained = [n for n, p in m.models.student.named_parameters() if p.requires_grad]
+    assert trained == ["model.layers.1.mlp.down_proj.weight"]
     m = setup_method(RMU, trainable="all")
     assert all(p.requires_grad for p in m.models.student.parameters())
 

@@ -1,6 +1,7 @@
-"""IdkDPO: DPO with an "I don't know"-style answer preferred over the forget answer (TOFU's
-preference baseline, arXiv 2401.06121; open-unlearning's ``DPO`` trainer on
-``TOFU_QA_forget_idk``, its "IdkDPO").
+"""IdkDPO: DPO preferring an "I don't know" answer to the forget answer, + retain NLL.
+
+TOFU's preference baseline (arXiv 2401.06121); open-unlearning's ``DPO`` trainer on
+``TOFU_QA_forget_idk``, its "IdkDPO".
 
 For each forget question, a refusal w (preferred) and the forget answer l (rejected):
 

@@ -25,7 +25,8 @@ from .base import Method, masking_option, option
 @dataclass
 class UnDIALOptions:
     gamma: float = option(10.0, "γ, how much the true token's teacher logit is lowered (3, 10 or 30)")
-    forget_weight: float = option(1.0, "w_f, weight of the UnDIAL term")
+    forget_weight: float = option(1.0, "w_f, weight of the UnDIAL term (open-unlearning's gamma; "
+                                       "its beta is our gamma)")
     retain_weight: float = option(0.0, "w_r, weight of an optional retain NLL (0 = the paper's setting)")
     masking: str = masking_option()
 
