@@ -139,7 +139,10 @@ class RMU(Method):
         acts = self.activations(self.models.student, self.student_layer, forget)
         target = self.control.to(acts.device, acts.dtype).expand_as(acts)
         forget_mse = activation_mse(acts, target, forget["labels"])
-        value, logs = o.forget_weight * forget_mse, {"forget_mse": forget_mse.detach()}
+        with torch.no_grad():  # to choose c: it must dominate this norm
+            mask = forget["labels"] != IGNORE_INDEX
+            norm = acts.float().norm(dim=-1)[mask].mean()
+        value, logs = o.forget_weight * forget_mse, {"forget_mse": forget_mse.detach(), "forget_activation_norm": norm}
         if o.retain_weight != 0:
             retain = batch["retain"]
             acts = self.activations(self.models.student, self.student_layer, retain)
