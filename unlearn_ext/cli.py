@@ -119,6 +119,11 @@ UNLEARN_OPTS = RUN_OPTS + [
     Opt("retain", help="JSON/JSONL file of records to retain (required by methods with a retain term)"),
     Opt("method-arg", help="a method option, e.g. --method-arg beta=0.2 (repeatable; YAML: method_args mapping)",
         flag_kind="list"),
+    Opt("cache-frozen", default="auto", choices=("auto", "memory", "disk", "off"),
+        help="frozen models (reference, teachers) run once before training, not every step: their answer "
+             "log-probs / hidden states kept in device memory, or memory-mapped in OUTPUT/frozen_cache; "
+             "auto: memory when it fits --cache-memory-mb, else disk"),
+    Opt("cache-memory-mb", float, 1024.0, "device memory the frozen cache may take under --cache-frozen auto"),
 ]
 EVAL_OPTS = MODEL_OPTS + [
     Opt("config", help="YAML file of options; command-line options override it"),

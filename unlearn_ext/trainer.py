@@ -40,6 +40,8 @@ from tqdm.auto import tqdm
 
 from . import adapters, checkpoint
 from .methods.base import Method, Models, PrepareData
+from .methods.cache import describe as describe_cache
+from .methods.cache import start_frozen_cache
 
 
 @dataclass
@@ -63,6 +65,8 @@ class TrainConfig:
     resume: bool = False               # continue from the newest checkpoint in output_dir
     progress: bool = True
     desc: str = "train"                # progress bar label
+    cache_frozen: str = "auto"         # frozen models' outputs computed once: auto | memory | disk | off
+    cache_memory_mb: float = 1024.0    # auto: the cache stays in device memory up to this size, else on disk
 
 
 @dataclass
@@ -148,6 +152,16 @@ def make_accelerator(config: TrainConfig):
 
 def _to_device(part: dict, device) -> dict:
     return {k: v.to(device) for k, v in part.items()}
+
+
+def _part(data: TrainData, ids: list[int]) -> dict:
+    """The collated examples ``ids`` with their ``example_id`` (the frozen cache's key):
+    forget example i is i, retain example j is len(examples) + j; ``ids`` of one set."""
+    n = len(data.examples)
+    retain = bool(ids) and ids[0] >= n
+    part = data.collate([data.retain[i - n] if retain else data.examples[i] for i in ids])
+    part["example_id"] = torch.tensor(ids, dtype=torch.long)
+    return part
 
 
 def _log_line(path: Path, record: dict) -> None:
@@ -268,6 +282,8 @@ def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps({**asdict(config), **run_facts}, indent=1))
 
+    cache = start_frozen_cache(method, models, lambda ids: _part(data, ids), lambda p: _to_device(p, acc.device),
+                               config, plan, acc.device, start, acc.process_index)
     student.train()
     watch = _FiniteWatch(acc.device, never=total + 1)
     bar = tqdm(total=total, initial=start, desc=config.desc, disable=not (config.progress and acc.is_main_process))
@@ -276,11 +292,11 @@ def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
         torch.manual_seed(derive_seed(config.seed, "step", step, acc.process_index))  # dropout and the like
         summed: dict[str, torch.Tensor] = {}
         for micro in range(config.grad_accum):
-            batch = {method.primary: _to_device(data.collate(
-                [data.examples[i] for i in plan.examples(step, micro, acc.process_index)]), acc.device)}
+            batch = {method.primary: _to_device(_part(data, plan.examples(step, micro, acc.process_index)),
+                                                acc.device)}
             if method.needs_retain():
-                batch["retain"] = _to_device(data.collate(
-                    [data.retain[i] for i in plan.retain(step, micro, acc.process_index)]), acc.device)
+                batch["retain"] = _to_device(_part(data, [plan.n + j for j in plan.retain(
+                    step, micro, acc.process_index)]), acc.device)
             last = micro == config.grad_accum - 1
             with contextlib.nullcontext() if last else acc.no_sync(student):
                 loss, logs = method.loss(batch)
@@ -320,6 +336,10 @@ def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
                                        is_main=acc.is_main_process, barrier=acc.wait_for_everyone,
                                        extra=run_facts, keep=config.keep_checkpoints)
     bar.close()
+    if cache is not None:
+        summary = cache.finish(method, out, acc.is_main_process)
+        if config.progress and acc.is_main_process:
+            tqdm.write(describe_cache(summary))
     student.eval()
     method.finish(out, is_main=acc.is_main_process)
     if out is not None:

@@ -31,7 +31,7 @@ class NPO(Method):
 
     def loss(self, batch):
         forget = batch["forget"]
-        ref_logprob, _ = self.head.sequence_logprob(self.frozen(self.models.reference, forget))
+        ref_logprob = self.frozen_logprob(self.models.reference, forget)
         value = self.head.npo_loss(self.student(forget), ref_logprob, beta=self.options.beta)
         weight = self.options.retain_weight if self.retain_kind else 0.0
         return self.add_retain(batch, value, {"npo": value.detach()}, self.retain_kind or "nll", weight)
