@@ -15,6 +15,11 @@ the retain examples of a slot are drawn from a generator seeded by the slot (so 
 process draws its own). Resuming needs no sampler or RNG state, and one process with
 ``grad_accum = k`` walks exactly the batches of ``k`` processes with ``grad_accum = 1``.
 
+Frozen models (NPO's reference, the teachers of UnDIAL, RKLD and the KL retain term) run
+once before the loop instead of every step (``cache_frozen``, :mod:`unlearn_ext.methods.cache`):
+each batch part carries its ``example_id`` (forget example i is i, retain example j is
+n_forget + j) for the cache to find them; the run writes what it saved to frozen_cache.json.
+
 Distribution goes through ``accelerate``: run the same script under ``accelerate launch``
 or ``torchrun`` for DDP or FSDP. The student is wrapped for training; frozen models
 (reference, RKLD's augmented model) are only placed on the device, one full copy per

@@ -305,7 +305,7 @@ class FrozenCache:
             "fill_s": round(self.fill_s, 3),
             "frozen_time_saved_s": round(saved - self.fill_s, 3),
             "frozen_bodies_off_device_mib": round(sum(self.offloaded.values()) / _MIB, 3),
-            "device_memory_saved_mib": round((sum(self.offloaded.values()) - on_device) / _MIB, 3),
+            "device_memory_saved_mib": round((sum(self.offloaded.values()) - on_device) / _MIB, 3) + 0.0,
         }
 
     def finish(self, method, output_dir: Path | None, is_main: bool) -> dict:
