@@ -163,8 +163,9 @@ class FrozenCache:
             return torch.stack([table[i] for i in ids])
         values = self._timed(name, LOGPROB, len(ids), compute)
         if table is not None:
+            wanted = self._wanted(name, LOGPROB)
             for b, i in enumerate(ids):
-                if i in self._wanted(name, LOGPROB) and i not in table:
+                if i in wanted and i not in table:
                     table[i] = values[b].clone()
                     self._keep_tokens(part, b, i)
             self._offload_if_complete(name)
