@@ -268,6 +268,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--name", help="results file name without extension (default: e2e_step_<device>)")
     a = p.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda needs a CUDA device")
@@ -277,7 +278,7 @@ def main(argv=None):
     if len(variants) < len(a.variants.split(",")):
         print("fused_cache_lora left out: unlearn_ext.lora (or peft) is not installed", flush=True)
     os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, f"e2e_step_{a.device}")
+    path = os.path.join(a.out, a.name or f"e2e_step_{a.device}")
     started, load_before = time.time(), _loadavg()
     rows = []
     print(f"# {machine()}; load average {load_before}", flush=True)

@@ -178,3 +178,12 @@ def test_complete_frozen_bodies_leave_the_gpu_and_come_back():
     assert summary["frozen_bodies_off_device_mib"] > 0
     assert method.models.reference.model.layers[0].mlp.up_proj.weight.device.type == "cuda"
     torch.testing.assert_close(cached, method.loss({"forget": batch})[0])
+
+
+def test_sharded_or_trainable_frozen_models_are_not_cached():
+    method = _method(UnDIAL, "fused", {})
+    next(method.models.reference.parameters()).placements = ()  # what a DTensor (FSDP2 shard) has
+    assert _start(method)[0] is None
+    method = _method(UnDIAL, "fused", {})
+    method.models.reference.requires_grad_(True)
+    assert _start(method)[0] is None

@@ -20,7 +20,8 @@ are kept the first time they are drawn (that step runs the frozen body as withou
 cache). A frozen model whose every example to come is cached leaves the device: its body
 goes to the CPU, its LM head stays (the teachers are rebuilt from it); it comes back when
 the run ends. A model that shares parameters with the student (LoRA's reference is the
-student with its adapters disabled) never moves.
+student with its adapters disabled) never moves; a sharded one (FSDP) is never cached (its
+forward is collective: every process must run it).
 
 Examples are keyed by ``part["example_id"]`` (the trainer adds it: forget example i is i,
 retain example j is n_forget + j; parts without it, e.g. a method's own batches, are never
@@ -340,6 +341,14 @@ def _ids_to_come(draw, plan, first_step: int, rank: int) -> list[int]:
                    for i in draw(step, micro, rank)})
 
 
+def _cacheable_model(model: torch.nn.Module) -> bool:
+    """Frozen, and not sharded: a sharded model (FSDP) gathers its weights with the other
+    processes in every forward, so it must run whenever they run it (no process may skip
+    it on a hit while another misses)."""
+    params = list(model.parameters())
+    return not any(p.requires_grad for p in params) and not any(hasattr(p, "placements") for p in params)
+
+
 def _free_bytes(path: Path) -> int:
     while not path.exists():
         path = path.parent
@@ -363,7 +372,7 @@ def start_frozen_cache(method, models, make_part: Callable[[list[int]], dict], t
     if mode not in MODES:
         raise ValueError(f"cache_frozen must be one of {', '.join(MODES)}, got {mode!r}")
     frozen = {name: m for name, m in (("reference", models.reference), *models.extra.items())
-              if m is not None and not any(p.requires_grad for p in m.parameters())}
+              if m is not None and _cacheable_model(m)}
     if mode == "off" or not frozen:
         return None
     cache = FrozenCache(frozen, models.student, device, plan.n)
