@@ -12,7 +12,8 @@ Llama-style model with Llama 3's vocabulary (V = 128256), four ways side by side
   reference is the student with its adapters disabled). Left out where that module is
   missing.
 
-    python benchmarks/bench_e2e_step.py                      # CPU: ~110M parameters, seq 256, batch 4, fp32
+    python benchmarks/bench_e2e_step.py                      # CPU: 192M parameters (164M of them the untied
+                                                             # embeddings and head), seq 256, batch 4, fp32
     python benchmarks/bench_e2e_step.py --device cuda --hidden 2048 --layers 16 --intermediate 8192 \\
         --heads 32 --kv-heads 8 --seq 512 --batch 8 --dtype bfloat16   # ~1.2B (Llama-3.2-1B's shape)
 
@@ -72,7 +73,8 @@ def build(cfg, method_name: str, variant: str) -> SimpleNamespace:
     device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
     config = LlamaConfig(vocab_size=cfg.vocab, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
                          num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
-                         max_position_embeddings=max(cfg.seq, 128), tie_word_embeddings=False,
+                         max_position_embeddings=max(cfg.seq, 128),
+                         tie_word_embeddings=getattr(cfg, "tie_embeddings", False),
                          attention_dropout=0.0)
     student = LlamaForCausalLM(config).to(device=device, dtype=dtype)
     s = SimpleNamespace(cfg=cfg, method_name=method_name, variant=variant, cache=None)
@@ -250,6 +252,41 @@ def plot(rows, path, title):
     fig.savefig(path, dpi=120)
 
 
+def with_ratios(rows: list[dict]) -> list[dict]:
+    """Each row's speed-up (wall and CPU time) and memory against eager's row of its method."""
+    for row in rows:
+        eager = next((r for r in rows if r["method"] == row["method"] and r["variant"] == "eager"), None)
+        if eager and row is not eager:
+            row["speedup_vs_eager"] = eager["step_s"] / row["step_s"]
+            row["cpu_speedup_vs_eager"] = eager["step_cpu_s"] / row["step_cpu_s"]
+            row["memory_vs_eager"] = row["peak_bytes"] / eager["peak_bytes"]
+    return rows
+
+
+def merge(paths: list[str], out: str) -> None:
+    """One results file (and plot) from the files of runs made in parts (same model and batch)."""
+    import json
+    runs = [json.load(open(p)) for p in paths]
+    keys = ("device", "vocab", "hidden", "layers", "intermediate", "heads", "kv_heads", "seq", "batch", "answer_frac",
+            "dtype", "threads")
+    shape = lambda c: [c.get(k) for k in keys] + [c.get("tie_embeddings", False)]  # noqa: E731
+    if any(shape(r["config"]) != shape(runs[0]["config"]) for r in runs):
+        raise SystemExit("--merge: the runs differ in model, batch, dtype or device")
+    rows = with_ratios([dict(row, run=os.path.basename(p)) for p, r in zip(paths, runs) for row in r["rows"]])
+    cfg = runs[0]["config"]
+    write_json(out + ".json", rows, benchmark="e2e_step", config=cfg, parts=[
+        {k: r.get(k) for k in ("machine", "load_before", "load_after", "wall_s")} | {"file": os.path.basename(p),
+                                                                                    "repeats": r["config"]["repeats"]}
+        for p, r in zip(paths, runs)])
+    plot(rows, out + ".png", f"one unlearning step, V={cfg['vocab']}, H={cfg['hidden']}, {cfg['layers']} layers, "
+                             f"seq {cfg['seq']}, batch {cfg['batch']}, {cfg['dtype']} — {runs[0]['machine']}")
+    for r in rows:
+        print(f"{r['method']:<7} {r['variant']:<17} step {r['step_s']:7.3f} s (CPU {r['step_cpu_s']:7.1f} s)  "
+              f"peak {r['peak_bytes'] / 2**30:6.2f} GiB" + (f"  x{r['speedup_vs_eager']:.2f} (CPU time "
+              f"x{r['cpu_speedup_vs_eager']:.2f}), {100 * r['memory_vs_eager']:.0f} % of eager's memory"
+              if "memory_vs_eager" in r else ""))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -263,13 +300,18 @@ def main(argv=None):
     p.add_argument("--kv-heads", type=int, default=5)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--tie-embeddings", action="store_true", help="LM head tied to the input embeddings")
     p.add_argument("--answer-frac", type=float, default=0.6)
     p.add_argument("--dtype", choices=list(DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--name", help="results file name without extension (default: e2e_step_<device>)")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="only merge results files of runs made in parts "
+                                                              "into --out/--name (.json and .png)")
     a = p.parse_args(argv)
+    if a.merge:
+        return merge(a.merge, os.path.join(a.out, a.name or f"e2e_step_{a.device}"))
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda needs a CUDA device")
     cfg = SimpleNamespace(**vars(a))
