@@ -370,7 +370,8 @@ def start_frozen_cache(method, models, make_part: Callable[[list[int]], dict], t
         raise ValueError(f"cache_frozen must be one of {', '.join(MODES)}, got {mode!r}")
     frozen = {name: m for name, m in (("reference", models.reference), *models.extra.items())
               if m is not None and _cacheable_model(m)}
-    if mode == "off" or not frozen:
+    # masking: open_unlearning reads the teachers at every position; the cache keeps answer positions only.
+    if mode == "off" or not frozen or getattr(method.options, "masking", "answer") != "answer":
         return None
     cache = FrozenCache(frozen, models.student, device, plan.n)
     forget = _ids_to_come(plan.examples, plan, first_step, rank)
