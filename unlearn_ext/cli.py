@@ -145,6 +145,11 @@ UNLEARN_OPTS = RUN_OPTS + [
     Opt("keep-best", _bool, False, "with --eval-every: save the best evaluation's model in best/ (the lowest forget "
                                    "probability keeping the retain probability >= 0.9 x step 0's)",
         flag_kind="bool"),
+    Opt("cache-frozen", default="auto", choices=("auto", "memory", "disk", "off"),
+        help="frozen models (reference, teachers) run once before training, not every step: their answer "
+             "log-probs / hidden states kept in device memory, or memory-mapped in OUTPUT/frozen_cache; "
+             "auto: memory when it fits --cache-memory-mb, else disk"),
+    Opt("cache-memory-mb", float, 1024.0, "device memory the frozen cache may take under --cache-frozen auto"),
 ]
 ROLE_OPTS = [
     Opt("forget", help="a forget set NAME=FILE (repeatable): probability, ROUGE-L, truth ratio, forget quality",

@@ -15,6 +15,11 @@ the retain examples of a slot are drawn from a generator seeded by the slot (so 
 process draws its own). Resuming needs no sampler or RNG state, and one process with
 ``grad_accum = k`` walks exactly the batches of ``k`` processes with ``grad_accum = 1``.
 
+Frozen models (NPO's reference, the teachers of UnDIAL, RKLD and the KL retain term) run
+once before the loop instead of every step (``cache_frozen``, :mod:`unlearn_ext.methods.cache`):
+each batch part carries its ``example_id`` (forget example i is i, retain example j is
+n_forget + j) for the cache to find them; the run's summary (manifest.json) says what it saved.
+
 Distribution goes through ``accelerate``: run the same script under ``accelerate launch``
 or ``torchrun`` for DDP or FSDP. The student is wrapped for training; frozen models
 (reference, RKLD's augmented model) are only placed on the device, one full copy per
@@ -42,6 +47,8 @@ from . import adapters, checkpoint
 from .eval import dynamics
 from .file_modes import follow_umask
 from .methods.base import Method, Models, PrepareData
+from .methods.cache import describe as describe_cache
+from .methods.cache import start_frozen_cache
 from .run_dir import (claim_output_dir, git_commit, peak_memory, read_manifest, start_line, summary_line, versions,
                       write_manifest)
 from .train_layers import decoder_blocks, select_train_layers
@@ -79,6 +86,8 @@ class TrainConfig:
     progress: bool = True
     verbose: bool = False              # print a start line and a closing summary (the command line does)
     desc: str = "train"                # progress bar label
+    cache_frozen: str = "auto"         # frozen models' outputs computed once: auto | memory | disk | off
+    cache_memory_mb: float = 1024.0    # auto: the cache stays in device memory up to this size, else on disk
 
 
 @dataclass
@@ -191,6 +200,16 @@ def make_accelerator(config: TrainConfig):
 
 def _to_device(part: dict, device) -> dict:
     return {k: v.to(device) for k, v in part.items()}
+
+
+def _part(data: TrainData, ids: list[int]) -> dict:
+    """The collated examples ``ids`` with their ``example_id`` (the frozen cache's key):
+    forget example i is i, retain example j is len(examples) + j; ``ids`` of one set."""
+    n = len(data.examples)
+    retain = bool(ids) and ids[0] >= n
+    part = data.collate([data.retain[i - n] if retain else data.examples[i] for i in ids])
+    part["example_id"] = torch.tensor(ids, dtype=torch.long)
+    return part
 
 
 def _log_line(path: Path, record: dict) -> None:
@@ -340,6 +359,8 @@ def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
     if config.verbose and acc.is_main_process:
         print(start_line(manifest) + (f" (resumed at step {start})" if start else ""), flush=True)
 
+    cache = start_frozen_cache(method, models, lambda ids: _part(data, ids), lambda p: _to_device(p, acc.device),
+                               config, plan, acc.device, start, acc.process_index)
     student.train()
     watch = _FiniteWatch(acc.device, never=total + 1)
     bar = tqdm(total=total, initial=start, desc=config.desc, disable=not (config.progress and acc.is_main_process))
@@ -351,11 +372,11 @@ def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
         torch.manual_seed(derive_seed(config.seed, "step", step, acc.process_index))  # dropout and the like
         summed: dict[str, torch.Tensor] = {}
         for micro in range(config.grad_accum):
-            batch = {method.primary: _to_device(data.collate(
-                [data.examples[i] for i in plan.examples(step, micro, acc.process_index)]), acc.device)}
+            batch = {method.primary: _to_device(_part(data, plan.examples(step, micro, acc.process_index)),
+                                                acc.device)}
             if method.needs_retain():
-                batch["retain"] = _to_device(data.collate(
-                    [data.retain[i] for i in plan.retain(step, micro, acc.process_index)]), acc.device)
+                batch["retain"] = _to_device(_part(data, [plan.n + j for j in plan.retain(
+                    step, micro, acc.process_index)]), acc.device)
             last = micro == config.grad_accum - 1
             with contextlib.nullcontext() if last else acc.no_sync(student):
                 loss, logs = method.loss(batch)
@@ -397,6 +418,9 @@ def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
                                        is_main=acc.is_main_process, barrier=acc.wait_for_everyone,
                                        extra=run_facts, keep=config.checkpoint_limit)
     bar.close()
+    cache_summary = cache.finish(method) if cache is not None else None
+    if cache_summary is not None and (config.progress or config.verbose) and acc.is_main_process:
+        tqdm.write(describe_cache(cache_summary))
     student.eval()
     method.finish(out, is_main=acc.is_main_process)
     if out is not None:
@@ -404,6 +428,8 @@ def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
         if not config.keep_checkpoints and acc.is_main_process:
             checkpoint.remove_all(ckpt_root)  # the run is complete: nothing left to resume
     summary = run_summary(record, total - start, time.time() - started, out, evaluator, config)
+    if cache_summary is not None:
+        summary["frozen_cache"] = cache_summary
     if out is not None and acc.is_main_process:
         write_manifest(out, {**manifest, "summary": summary})
     if config.verbose and acc.is_main_process:

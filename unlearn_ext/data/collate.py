@@ -3,7 +3,8 @@
 A batch is a dict of [B, T] int64 tensors: ``input_ids``, ``attention_mask`` and
 ``labels``; ``labels`` equal ``input_ids`` on answer tokens and −100 on the prompt and on
 padding, unshifted (the losses compare logits[:, :-1] with labels[:, 1:]). Unlearning
-methods take ``{"forget": batch, "retain": batch}``.
+methods take ``{"forget": batch, "retain": batch}``. The trainer adds ``example_id`` [B] to
+each part it collates (the examples' numbers, the frozen cache's key; see unlearn_ext.trainer).
 
 Prompt and answer are tokenised separately and concatenated, so the label mask falls
 exactly on the answer's tokens whatever the tokenizer merges across the boundary.

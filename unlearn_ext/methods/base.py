@@ -165,9 +165,25 @@ class Method:
     def student(self, part: dict, *, hidden: bool = False) -> Outputs:
         return self.head.run(self.models.student, part, hidden=hidden)
 
+    # The frozen cache (unlearn_ext.methods.cache) when the trainer keeps the frozen models'
+    # outputs instead of re-running them every step; None: run them.
+    frozen_cache = None
+
     @torch.no_grad()
     def frozen(self, model: torch.nn.Module, part: dict, *, hidden: bool = False) -> Outputs:
+        """A frozen model's outputs on ``part`` (a teacher), from the frozen cache when it
+        holds them. ``hidden=True`` (hidden states at every position) is never cached."""
+        if self.frozen_cache is not None and not hidden:
+            return self.frozen_cache.outputs(self.head, model, part)
         return self.head.run(model, part, hidden=hidden)
+
+    @torch.no_grad()
+    def frozen_logprob(self, model: torch.nn.Module, part: dict) -> torch.Tensor:
+        """A frozen model's summed answer log-probability per sequence of ``part`` [B]
+        (NPO's ℓ^ref), from the frozen cache when it holds them."""
+        if self.frozen_cache is not None:
+            return self.frozen_cache.logprob(self.head, model, part)
+        return self.head.sequence_logprob(self.head.run(model, part))[0]
 
     def add_retain(self, batch: dict, value: torch.Tensor, logs: dict, kind: str, weight: float,
                    masking: str = "answer"):

@@ -64,6 +64,11 @@ class LogitsHead:
         return Outputs(labels=part["labels"][:, 1:], logits=out.logits[:, :-1],
                        hidden=out.hidden_states[-1][:, :-1] if hidden else None, last_logits=out.logits[:, -1])
 
+    def outputs_from_lm_head(self, part: dict, lm: fl.LMHeadInputs) -> Outputs:
+        """Outputs from a model's LM-head inputs on ``part`` (how the frozen cache rebuilds a
+        teacher from its cached hidden states): here the [B, T-1, V] logits through the head."""
+        return Outputs(labels=part["labels"][:, 1:], logits=lm.logits()[:, :-1])
+
     # Row ops (mean over answer tokens).
     def cross_entropy(self, out: Outputs) -> torch.Tensor:
         return ops.cross_entropy(out.logits, out.labels, backend=self.backend)
@@ -132,9 +137,12 @@ class FusedLinearHead(LogitsHead):
     name = "fused"
 
     def run(self, model, part: dict, *, hidden: bool = True) -> Outputs:
-        head = lm_head_inputs(model, part["input_ids"], part["attention_mask"])
-        return Outputs(labels=fl.shift_labels(part["labels"]), hidden=head.hidden, weight=head.weight,
-                       bias=head.bias, softcap=head.softcap)
+        return self.outputs_from_lm_head(part, lm_head_inputs(model, part["input_ids"], part["attention_mask"]))
+
+    def outputs_from_lm_head(self, part, lm):
+        """The hidden states [B, T, H] and the head as they are (the losses form the logits)."""
+        return Outputs(labels=fl.shift_labels(part["labels"]), hidden=lm.hidden, weight=lm.weight, bias=lm.bias,
+                       softcap=lm.softcap)
 
     def _head(self, out: Outputs):
         return fl.LMHeadInputs(out.hidden, out.weight, out.bias, out.softcap)

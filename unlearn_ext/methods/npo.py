@@ -40,7 +40,7 @@ class NPO(Method):
 
     def loss(self, batch):
         o, forget = self.options, batch["forget"]
-        ref_logprob, _ = self.head.sequence_logprob(self.frozen(self.models.reference, forget))
+        ref_logprob = self.frozen_logprob(self.models.reference, forget)
         value = self.head.npo_loss(self.student(forget), ref_logprob, beta=o.beta)
         weight = o.retain_weight if self.retain_kind else 0.0
         return self.add_retain(batch, o.forget_weight * value, {"npo": value.detach()}, self.retain_kind or "nll",
