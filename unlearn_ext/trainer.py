@@ -38,7 +38,8 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from tqdm.auto import tqdm
 
-from . import adapters, checkpoint
+from . import adapters, checkpoint, lora
+from .distributed import LossForward, fsdp_requested, shard_for_training, shard_frozen, unshard_root
 from .methods.base import Method, Models, PrepareData
 
 
@@ -63,6 +64,14 @@ class TrainConfig:
     resume: bool = False               # continue from the newest checkpoint in output_dir
     progress: bool = True
     desc: str = "train"                # progress bar label
+    # At scale (README "Distributed, LoRA"): FSDP2 and LoRA.
+    fsdp: bool | None = None           # shard the student with FSDP2; None: when ACCELERATE_USE_FSDP is set
+    shard_frozen: bool = False         # under FSDP, shard frozen models' decoder layers too
+    lora_r: int = 0                    # LoRA rank; 0: train the whole model
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = lora.DEFAULT_TARGETS
+    merge_lora: bool = False           # also write the merged model to model/ (adapters go to adapter/)
 
 
 @dataclass
@@ -220,16 +229,15 @@ def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
                              "or choose another output directory")
         resume_from = checkpoint.list_checkpoints(ckpt_root)[-1]
 
-    if acc.num_processes > 1 and method.head.name == "fused":
-        raise ValueError("the fused-linear loss path is not wired for multi-process (DDP/FSDP) runs yet: "
-                         "use the logits path (fused: false / --no-fused)")
+    fsdp = fsdp_requested(config.fsdp) and acc.num_processes > 1
+    _setup_lora(method, models, config)
     # One-off preparation, identical on every rank (same seed).
     if method.needs_reference() and models.reference is None:
         raise ValueError(f"method {method.name!r} needs a frozen reference model (Models.reference)")
     if method.needs_retain() and not data.retain:
         raise ValueError(f"method {method.name!r} needs retain examples")
     for model in (models.student, models.reference, *models.extra.values()):
-        if model is not None:
+        if model is not None and not _is_sharded(model):
             model.to(acc.device)
     torch.manual_seed(derive_seed(config.seed, "prepare"))
     method.prepare(models, PrepareData(forget=data.examples, retain=data.retain, collate=data.collate,
@@ -238,14 +246,9 @@ def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
     if not params:
         raise ValueError(f"method {method.name!r} left no trainable parameter")
 
-    optimizer = make_optimizer(params, config)
-    student, optimizer = acc.prepare(models.student, optimizer)
+    wrapped, optimizer, params = _wrap(method, models, params, config, acc, fsdp)
     raw_optimizer = getattr(optimizer, "optimizer", optimizer)
-    params = [p for p in student.parameters() if p.requires_grad]  # FSDP replaces the parameter objects
-    models.student = student
-    if models.reference is not None:
-        models.reference = acc.prepare_model(models.reference, evaluation_mode=True)
-    models.extra = {k: acc.prepare_model(m, evaluation_mode=True) for k, m in models.extra.items()}
+    student = models.student  # the bare model (sharded in place under FSDP): checkpoints name its parameters
 
     plan = BatchPlan(len(data.examples), len(data.retain or ()), config, acc.num_processes)
     total = plan.total_steps()
@@ -269,6 +272,7 @@ def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
         (out / "train_config.json").write_text(json.dumps({**asdict(config), **run_facts}, indent=1))
 
     student.train()
+    optimizer.zero_grad(set_to_none=True)  # gradients left on the model by earlier use must not join step 1
     watch = _FiniteWatch(acc.device, never=total + 1)
     bar = tqdm(total=total, initial=start, desc=config.desc, disable=not (config.progress and acc.is_main_process))
     started = time.time()
@@ -282,8 +286,8 @@ def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
                 batch["retain"] = _to_device(data.collate(
                     [data.retain[i] for i in plan.retain(step, micro, acc.process_index)]), acc.device)
             last = micro == config.grad_accum - 1
-            with contextlib.nullcontext() if last else acc.no_sync(student):
-                loss, logs = method.loss(batch)
+            with contextlib.nullcontext() if last else acc.no_sync(wrapped), acc.autocast():
+                loss, logs = wrapped(batch)
                 acc.backward(loss / config.grad_accum)
             for k, v in {"loss": loss.detach(), **logs}.items():
                 summed[k] = summed.get(k, 0.0) + v.float() / config.grad_accum
@@ -321,11 +325,50 @@ def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
                                        extra=run_facts, keep=config.keep_checkpoints)
     bar.close()
     student.eval()
+    if fsdp:
+        unshard_root(wrapped)
     method.finish(out, is_main=acc.is_main_process)
     if out is not None:
-        save_model(student, out / "model", acc)
-    models.student = acc.unwrap_model(student)
+        save_model(student, out / "model", acc, merge_lora=config.merge_lora)
     return models.student
+
+
+def _is_sharded(model: torch.nn.Module) -> bool:
+    return any(hasattr(p, "device_mesh") for p in model.parameters())
+
+
+def _setup_lora(method: Method, models: Models, config: TrainConfig) -> None:
+    """With ``config.lora_r``: adapters on the student (only they train), and the student
+    with adapters disabled as the reference (no second copy) unless one was given."""
+    if not config.lora_r:
+        return
+    if method.name == "eul":
+        raise ValueError("lora_r: EUL trains its own unlearning layers (its paper's design), not LoRA adapters")
+    if not lora.has_lora(models.student):  # resuming in the same process: already attached
+        torch.manual_seed(derive_seed(config.seed, "lora"))
+        lora.attach_lora(models.student, lora.LoraOptions(config.lora_r, config.lora_alpha, config.lora_dropout,
+                                                          lora.parse_targets(config.lora_targets)))
+    if method.needs_reference() and models.reference is None:
+        models.reference = lora.WithoutAdapters(models.student)
+
+
+def _wrap(method: Method, models: Models, params, config: TrainConfig, acc, fsdp: bool):
+    """The student inside :class:`LossForward`, wrapped for DDP by accelerate or sharded
+    with FSDP2; frozen models placed (or sharded with ``shard_frozen``). Returns the
+    wrapped module, the prepared optimizer and the trainable parameters."""
+    wrapper = LossForward(models.student, method.loss)
+    if fsdp:
+        shard_for_training(wrapper)
+        params = [p for p in wrapper.parameters() if p.requires_grad]  # FSDP replaced the parameter objects
+        optimizer = acc.prepare_optimizer(make_optimizer(params, config))
+        wrapped = wrapper
+    else:
+        wrapped, optimizer = acc.prepare(wrapper, make_optimizer(params, config))
+    if fsdp and config.shard_frozen:
+        for model in (models.reference, *models.extra.values()):
+            if model is not None and any(True for _ in model.parameters()):  # not a LoRA view
+                shard_frozen(model)
+    return wrapped, optimizer, params
 
 
 def full_state_dict(model) -> dict[str, torch.Tensor]:
@@ -333,11 +376,21 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_model(model, directory: Path, acc) -> None:
+def save_model(model, directory: Path, acc, *, merge_lora: bool = False) -> None:
     """The final model, atomically, with Hugging Face ``save_pretrained`` (safetensors).
     Unlearning layers (EUL) are saved beside the backbone by :mod:`unlearn_ext.adapters`,
-    not inside it, so the directory loads as the plain backbone too."""
+    not inside it, so the directory loads as the plain backbone too. A LoRA model: its
+    adapters in PEFT's format in ``adapter/`` beside ``directory``, and the merged model
+    in ``directory`` only with ``merge_lora``."""
     state = full_state_dict(model)
+    config = lora.lora_config(acc.unwrap_model(model))
+    if config is not None:
+        if acc.is_main_process:
+            _save_lora_adapters(state, config, directory.with_name("adapter"))
+        if not merge_lora:
+            acc.wait_for_everyone()
+            return
+        state = lora.merged_state_dict(state, config)
     if acc.is_main_process:
         unwrapped = acc.unwrap_model(model)
         for debris in directory.parent.glob(f".tmp-{directory.name}-*"):  # left by a killed save
@@ -350,3 +403,13 @@ def save_model(model, directory: Path, acc) -> None:
             shutil.rmtree(directory)
         os.replace(tmp, directory)
     acc.wait_for_everyone()
+
+
+def _save_lora_adapters(state: dict, config, directory: Path) -> None:
+    """PEFT's adapter files, written beside ``directory`` and renamed into place."""
+    tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    lora.save_adapters(state, config, tmp)
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
