@@ -1,11 +1,12 @@
 """One unlearning run of the tests of DDP, FSDP and LoRA, started as its own process (plain
 python, or torchrun for several processes). Usage:
 
-    distributed_script.py OUTPUT_DIR METHOD GRAD_ACCUM [--head fused|logits] [--fsdp]
+    distributed_script.py OUTPUT_DIR METHODS GRAD_ACCUM [--head fused|logits] [--fsdp]
         [--shard-frozen] [--lora-r R] [--merge-lora] [--kill-after STEP] [--resume]
 
-Every process watches the tensors the run creates (a TorchDispatchMode over every op, in
-forward and backward): ``OUTPUT_DIR/vocab_rows_<rank>.json`` holds the most rows of any
+METHODS: comma-separated, run one after the other, each in OUTPUT_DIR/METHOD. Every process
+watches the tensors each run creates (a TorchDispatchMode over every op, in forward and
+backward): ``OUTPUT_DIR/METHOD/vocab_rows_<rank>.json`` holds the most rows of any
 tensor whose last dimension is the vocabulary size V, and how many such tensors the fused
 loop formed (the evidence that it ran), and the bound a fused run must keep to. ``--kill-after`` sends SIGKILL to itself once that
 step is done.
@@ -35,7 +36,7 @@ METHOD_ARGS = {"rkld": {"augment_epochs": 2.0, "augment_lr": 1e-3}, "npo": {}, "
 
 parser = argparse.ArgumentParser()
 parser.add_argument("output")
-parser.add_argument("method")
+parser.add_argument("methods", help="comma-separated")
 parser.add_argument("grad_accum", type=int)
 parser.add_argument("--head", choices=("fused", "logits"), default="fused")
 parser.add_argument("--fsdp", action="store_true")
@@ -82,22 +83,24 @@ def kill(step, record):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-cls = get_method(args.method)
-head = FusedLinearHead(chunk_size=CHUNK) if args.head == "fused" else LogitsHead()
-method = cls(head=head, **METHOD_ARGS.get(args.method, {}))
-student = trained_llama(seed=0)
-reference = freeze(trained_llama(seed=0)) if method.needs_reference() and not args.lora_r else None
-config = TrainConfig(output_dir=args.output, lr=1e-3 if not args.lora_r else 3e-3, max_steps=args.steps,
-                     batch_size=2, grad_accum=args.grad_accum, save_every=1, keep_checkpoints=0,
-                     resume=args.resume, progress=False, seed=3, fsdp=args.fsdp, shard_frozen=args.shard_frozen,
-                     lora_r=args.lora_r, merge_lora=args.merge_lora)
-watch = VocabRows()
-with watch:
-    train(method, Models(student=student, reference=reference), TrainData(FORGET, RETAIN, collate()), config,
-          callbacks=[kill] if args.kill_after else [])
-rank = int(os.environ.get("RANK", "0"))
-# The most rows a fused run may hold: a chunk, or the one short sequence whose logits
-# lm_head_inputs compares with the model's once.
-bound = max(CHUNK, VERIFY_TOKENS)
-Path(args.output, f"vocab_rows_{rank}.json").write_text(json.dumps({"most_rows": watch.most_rows, "count": watch.count,
-                                                                    "bound": bound}))
+for name in args.methods.split(","):  # one launch, several runs: each in OUTPUT_DIR/METHOD
+    cls = get_method(name)
+    head = FusedLinearHead(chunk_size=CHUNK) if args.head == "fused" else LogitsHead()
+    method = cls(head=head, **METHOD_ARGS.get(name, {}))
+    student = trained_llama(seed=0)
+    reference = freeze(trained_llama(seed=0)) if method.needs_reference() and not args.lora_r else None
+    out = Path(args.output, name)
+    config = TrainConfig(output_dir=str(out), lr=1e-3 if not args.lora_r else 3e-3, max_steps=args.steps,
+                         batch_size=2, grad_accum=args.grad_accum, save_every=1, keep_checkpoints=0,
+                         resume=args.resume, progress=False, seed=3, fsdp=args.fsdp, shard_frozen=args.shard_frozen,
+                         lora_r=args.lora_r, merge_lora=args.merge_lora)
+    watch = VocabRows()
+    with watch:
+        train(method, Models(student=student, reference=reference), TrainData(FORGET, RETAIN, collate()), config,
+              callbacks=[kill] if args.kill_after else [])
+    rank = int(os.environ.get("RANK", "0"))
+    # The most rows a fused run may hold: a chunk, or the one short sequence whose logits
+    # lm_head_inputs compares with the model's once.
+    bound = max(CHUNK, VERIFY_TOKENS)
+    (out / f"vocab_rows_{rank}.json").write_text(json.dumps({"most_rows": watch.most_rows, "count": watch.count,
+                                                             "bound": bound}))

@@ -49,7 +49,7 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The model's repeated blocks: modules of the classes it names in ``_no_split_modules``
     (Hugging Face models do, e.g. ``LlamaDecoderLayer``)."""
     names = set(getattr(model, "_no_split_modules", None) or ())
-    layers = [m for m in model.modules() if type(m).__name__ in names]
+    layers = [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]  # FSDP subclasses too
     if not layers:
         raise ValueError(f"{type(model).__name__} names no decoder layer class (_no_split_modules): "
                          "cannot shard it with FSDP")

@@ -79,7 +79,8 @@ def attach_lora(model: torch.nn.Module, options: LoraOptions):
         p.requires_grad_("lora_" in name)
     # Reentrant gradient checkpointing only back-propagates into a checkpointed block whose
     # inputs require grad; with the embeddings frozen nothing would train (open-unlearning #178).
-    model.enable_input_require_grads()
+    if getattr(model, "_require_grads_hook", None) is None:  # transformers adds it with checkpointing too
+        model.enable_input_require_grads()
     setattr(model, _CONFIG_ATTR, config)
     return config
 
@@ -147,7 +148,8 @@ def without_lora(model: torch.nn.Module) -> torch.nn.Module:
             setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
     if has_lora(model):
         delattr(model, _CONFIG_ATTR)
-        model.disable_input_require_grads()
+        if getattr(model, "_require_grads_hook", None) is not None:
+            model.disable_input_require_grads()
     return model.requires_grad_(True)
 
 

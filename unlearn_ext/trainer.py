@@ -70,7 +70,7 @@ class TrainConfig:
     lora_r: int = 0                    # LoRA rank; 0: train the whole model
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = lora.DEFAULT_TARGETS
+    lora_targets: tuple[str, ...] | None = None  # None: the attention and MLP projections (lora.DEFAULT_TARGETS)
     merge_lora: bool = False           # also write the merged model to model/ (adapters go to adapter/)
 
 
@@ -347,7 +347,7 @@ def _setup_lora(method: Method, models: Models, config: TrainConfig) -> None:
     if not lora.has_lora(models.student):  # resuming in the same process: already attached
         torch.manual_seed(derive_seed(config.seed, "lora"))
         lora.attach_lora(models.student, lora.LoraOptions(config.lora_r, config.lora_alpha, config.lora_dropout,
-                                                          lora.parse_targets(config.lora_targets)))
+                                                          lora.parse_targets(config.lora_targets or lora.DEFAULT_TARGETS)))
     if method.needs_reference() and models.reference is None:
         models.reference = lora.WithoutAdapters(models.student)
 
@@ -366,7 +366,8 @@ def _wrap(method: Method, models: Models, params, config: TrainConfig, acc, fsdp
         wrapped, optimizer = acc.prepare(wrapper, make_optimizer(params, config))
     if fsdp and config.shard_frozen:
         for model in (models.reference, *models.extra.values()):
-            if model is not None and any(True for _ in model.parameters()):  # not a LoRA view
+            # Not a LoRA view (no parameters of its own), nor a model a nested run sharded (RKLD's augmented one).
+            if model is not None and any(True for _ in model.parameters()) and not _is_sharded(model):
                 shard_frozen(model)
     return wrapped, optimizer, params
 
