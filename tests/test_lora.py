@@ -69,7 +69,7 @@ def test_the_reference_is_the_student_with_adapters_disabled_no_copy():
             if "lora_B" in n:
                 p.normal_()
     reference = lora.WithoutAdapters(model)
-    assert list(reference.parameters()) == []
+    assert sum(p.numel() for p in reference.parameters()) == 0
     part = method_batch()["forget"]
     with torch.no_grad():
         want = original(**part).logits
@@ -183,3 +183,18 @@ def test_killed_and_resumed_lora_run_gives_the_same_adapters(tmp_path):
     for name in want:
         assert torch.equal(want[name], got[name]), name
     assert max(float(v.abs().max()) for k, v in want.items() if "lora_B" in k) > 0
+
+
+def test_lora_options_from_yaml_and_flags(tmp_path):
+    from unlearn_ext import cli
+    config = tmp_path / "run.yaml"
+    config.write_text("lora_r: 8\nlora_targets: [q_proj, v_proj]\nmerge_lora: true\n")
+    values = cli.resolve("unlearn", cli.UNLEARN_OPTS, {"config": str(config), "lora_alpha": "32", "method": "npo",
+                                                       "forget": "f.json", "model": "m", "output": "o"})
+    train_config = cli._train_config(values)
+    assert (train_config.lora_r, train_config.lora_alpha, train_config.lora_targets, train_config.merge_lora) == \
+        (8, 32.0, ("q_proj", "v_proj"), True)
+    assert cli._train_config({**values, "lora_targets": None}).lora_targets is None  # the default projections
+    with pytest.raises(cli.CLIError, match="lora-targets"):
+        cli.resolve("unlearn", cli.UNLEARN_OPTS, {"lora_targets": " , ", "method": "npo", "forget": "f",
+                                                  "model": "m", "output": "o"})

@@ -103,8 +103,8 @@ def adapters_disabled(model: torch.nn.Module):
 
 class _Disabled(torch.nn.Module):
     """``module`` (the student or its base model), run with ``root``'s adapters disabled.
-    Holds them unregistered: a view owns no parameters, so nothing is moved, frozen or
-    counted twice."""
+    Holds them unregistered: a view owns none of their parameters, so nothing is moved,
+    frozen or counted twice."""
 
     def __init__(self, module: torch.nn.Module, root: torch.nn.Module):
         super().__init__()
@@ -127,6 +127,10 @@ class WithoutAdapters(_Disabled):
 
     def __init__(self, model: torch.nn.Module):
         super().__init__(model, model)
+        # Code that asks a model for its device (next(model.parameters()).device) gets it
+        # from this empty, frozen parameter, moved with the view.
+        self.device_marker = torch.nn.Parameter(torch.empty(0, device=next(model.parameters()).device),
+                                                requires_grad=False)
 
     @property
     def base_model(self):
@@ -146,6 +150,8 @@ def without_lora(model: torch.nn.Module) -> torch.nn.Module:
         if hasattr(module, "get_base_layer") and name:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
+    if hasattr(model, "peft_config"):  # set by inject_adapter_in_model
+        del model.peft_config
     if has_lora(model):
         delattr(model, _CONFIG_ATTR)
         if getattr(model, "_require_grads_hook", None) is not None:

@@ -15,11 +15,14 @@ the retain examples of a slot are drawn from a generator seeded by the slot (so 
 process draws its own). Resuming needs no sampler or RNG state, and one process with
 ``grad_accum = k`` walks exactly the batches of ``k`` processes with ``grad_accum = 1``.
 
-Distribution goes through ``accelerate``: run the same script under ``accelerate launch``
-or ``torchrun`` for DDP or FSDP. The student is wrapped for training; frozen models
-(reference, RKLD's augmented model) are only placed on the device, one full copy per
-process, never wrapped (DDP would try to sync them; under FSDP a replicated frozen model
-costs memory but no communication per step — see the README for the trade-off).
+Distribution: run the same script under ``accelerate launch`` or ``torchrun``. What is
+wrapped is :class:`unlearn_ext.distributed.LossForward`, the student with ``method.loss``
+as its forward, so the fused-linear loss runs inside the wrapped forward: DDP through
+``accelerate``, FSDP2 (``fsdp``) applied here. Frozen models (reference, RKLD's augmented
+model) are only placed on the device, one full copy per process, never wrapped (DDP would
+try to sync them); under FSDP ``shard_frozen`` shards their decoder layers. With
+``lora_r`` the student gets PEFT LoRA adapters (:mod:`unlearn_ext.lora`) and the
+reference is the student with adapters disabled.
 """
 from __future__ import annotations
 
@@ -367,7 +370,7 @@ def _wrap(method: Method, models: Models, params, config: TrainConfig, acc, fsdp
     if fsdp and config.shard_frozen:
         for model in (models.reference, *models.extra.values()):
             # Not a LoRA view (no parameters of its own), nor a model a nested run sharded (RKLD's augmented one).
-            if model is not None and any(True for _ in model.parameters()) and not _is_sharded(model):
+            if model is not None and not isinstance(model, lora.WithoutAdapters) and not _is_sharded(model):
                 shard_frozen(model)
     return wrapped, optimizer, params
 
