@@ -190,11 +190,12 @@ def test_lora_options_from_yaml_and_flags(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("lora_r: 8\nlora_targets: [q_proj, v_proj]\nmerge_lora: true\n")
     values = cli.resolve("unlearn", cli.UNLEARN_OPTS, {"config": str(config), "lora_alpha": "32", "method": "npo",
-                                                       "forget": "f.json", "model": "m", "output": "o"})
-    train_config = cli._train_config(values)
+                                                       "forget": "f.json", "model": "m", "output": "o",
+                                                       "save_dtype": "float32"})
+    train_config = cli._train_config(values, desc="test")
     assert (train_config.lora_r, train_config.lora_alpha, train_config.lora_targets, train_config.merge_lora) == \
         (8, 32.0, ("q_proj", "v_proj"), True)
-    assert cli._train_config({**values, "lora_targets": None}).lora_targets is None  # the default projections
+    assert cli._train_config({**values, "lora_targets": None}, desc="test").lora_targets is None  # the default projections
     with pytest.raises(cli.CLIError, match="lora-targets"):
         cli.resolve("unlearn", cli.UNLEARN_OPTS, {"lora_targets": " , ", "method": "npo", "forget": "f",
                                                   "model": "m", "output": "o"})
