@@ -99,7 +99,8 @@ endif
 # The instrumented extension and a copy of the Python package live in build/sanitize/lib;
 # pytest runs from there so that copy is the one imported (checked before the run), and
 # the sanitizer runtimes are preloaded into the (uninstrumented) Python. Leak detection is
-# off: CPython and torch keep allocations until exit. One test is left out: the memorised-
+# off: CPython and torch keep allocations until exit; --capture=sys leaves file descriptor 2
+# alone, so a report (and the abort) reaches the log. One test is left out: the memorised-
 # token gradient's 1e-5 bound holds for the kernels' vectorised lane sums, and the
 # instrumented build sums that row in another order (1.2e-5).
 SANITIZE_LIB := build/sanitize/lib
@@ -116,7 +117,7 @@ test-sanitize: install
 	cd $(SANITIZE_LIB) && $(SANITIZE_ENV) $(abspath $(PY)) -c "import unlearn_ext._C as c, sys; \
 	  sys.exit(0 if c.__file__.startswith('$(abspath $(SANITIZE_LIB))') else 'not the instrumented build: ' + c.__file__)"
 	ldd $(SANITIZE_LIB)/unlearn_ext/_C*.so | grep -q libasan && ldd $(SANITIZE_LIB)/unlearn_ext/_C*.so | grep -q libubsan
-	cd $(SANITIZE_LIB) && $(SANITIZE_ENV) $(abspath $(PY)) -m pytest -q -p no:cacheprovider $(SANITIZE_TESTS) \
+	cd $(SANITIZE_LIB) && $(SANITIZE_ENV) $(abspath $(PY)) -m pytest -q -p no:cacheprovider --capture=sys $(SANITIZE_TESTS) \
 	  -k "not torch-cpu and not memorised_token_keeps_its_gradient"
 
 test-slow: install

@@ -55,6 +55,17 @@ inline RowView to_row_view(const at::Tensor& t, const char* arg) {
   return v;
 }
 
+// The scalar parameters (RowArgs, set_params), each in its range; NaN fails every check.
+inline void check_params(Op op, c10::ArrayRef<double> p) {
+  TORCH_CHECK_VALUE(p.size() == static_cast<size_t>(kNumParams), "unlearn_ext: params must hold ", kNumParams, " numbers (inv_temperature, alpha, gamma, label_smoothing, lse_square_scale, softcap, beta), got ", p.size());
+  TORCH_CHECK_VALUE(std::isfinite(p[0]) && p[0] > 0, "unlearn_ext: temperature must be positive and finite");
+  TORCH_CHECK_VALUE(std::isfinite(p[1]) && std::isfinite(p[2]), "unlearn_ext: alpha and gamma must be finite, got alpha=", p[1], ", gamma=", p[2]);
+  TORCH_CHECK_VALUE(p[3] >= 0 && p[3] <= 1, "unlearn_ext: label_smoothing must be in [0, 1], got ", p[3]);
+  TORCH_CHECK_VALUE(std::isfinite(p[4]) && p[4] >= 0, "unlearn_ext: lse_square_scale must be finite and >= 0, got ", p[4]);
+  TORCH_CHECK_VALUE(std::isfinite(p[5]) && p[5] >= 0, "unlearn_ext: softcap must be positive and finite (0: none), got ", p[5]);
+  TORCH_CHECK_VALUE(op != Op::kJSD || (p[6] > 0 && p[6] < 1), "unlearn_ext: beta of jsd must be in (0, 1) (0 is forward_kl, 1 reverse_kl), got ", p[6]);
+}
+
 struct RowCall {
   RowArgs args;
   at::Tensor labels;  // kept alive while args points into it
@@ -65,7 +76,7 @@ inline RowCall make_row_call(const std::string& op_name, const at::Tensor& logit
                              const c10::optional<at::Tensor>& teacher,
                              const c10::optional<at::Tensor>& teacher2,
                              const c10::optional<at::Tensor>& labels, int64_t ignore_index,
-                             double inv_temperature, double alpha, double gamma) {
+                             c10::ArrayRef<double> params) {
   RowCall call;
   RowArgs& a = call.args;
   a.op = parse_op(op_name);
@@ -74,11 +85,8 @@ inline RowCall make_row_call(const std::string& op_name, const at::Tensor& logit
   a.rows = a.vocab > 0 ? logits.numel() / a.vocab : 0;
   TORCH_CHECK_VALUE(a.vocab > 0, "unlearn_ext: logits must have a non-empty vocabulary dimension");
   a.ignore_index = ignore_index;
-  a.inv_temperature = inv_temperature;
-  a.alpha = alpha;
-  a.gamma = gamma;
-  TORCH_CHECK_VALUE(std::isfinite(inv_temperature) && inv_temperature > 0, "unlearn_ext: temperature must be positive and finite");
-  TORCH_CHECK_VALUE(std::isfinite(alpha) && std::isfinite(gamma), "unlearn_ext: alpha and gamma must be finite, got alpha=", alpha, ", gamma=", gamma);
+  check_params(a.op, params);
+  set_params(a, params.data());
 
   const int needed = num_teachers(a.op);
   const c10::optional<at::Tensor>* teachers[2] = {&teacher, &teacher2};
@@ -147,10 +155,20 @@ inline RowView grad_view(const at::Tensor& grad, const at::Tensor& logits) {
   return v;
 }
 
+// The fused path's grad_scale: one element on the device of the logits, as float64 (a
+// float64 gradient needs it; a GPU kernel reads it from device memory, no host sync).
+inline at::Tensor check_grad_scale(const at::Tensor& grad_scale, const at::Tensor& logits) {
+  TORCH_CHECK_VALUE(grad_scale.numel() == 1, "unlearn_ext: grad_scale must have one element, got ", grad_scale.numel());
+  TORCH_CHECK_VALUE(grad_scale.device() == logits.device(), "unlearn_ext: grad_scale is on ", grad_scale.device(), " but logits are on ", logits.device());
+  TORCH_CHECK_TYPE(grad_scale.is_floating_point(), "unlearn_ext: grad_scale must be a floating-point tensor, got ", grad_scale.scalar_type());
+  return grad_scale.to(at::kDouble).contiguous();
+}
+
 // Allocates a forward's outputs (values, stats) and points the call at them; with a
-// gradient buffer (the fused path) the kernel also writes the gradient, times grad_scale.
+// gradient buffer (the fused path) the kernel also writes the gradient, times grad_scale
+// (already in a.grad_scale or a.grad_scale_device: the backend's Guard put it there).
 inline std::tuple<at::Tensor, at::Tensor> attach_forward_outputs(RowArgs& a, const at::Tensor& logits,
-                                                                 const at::Tensor* grad, double grad_scale) {
+                                                                 const at::Tensor* grad) {
   const auto opts = logits.options().dtype(compute_dtype(logits));
   at::Tensor values = new_output({a.rows}, opts);
   at::Tensor stats = new_output({a.rows, kNumStats}, opts);
@@ -159,7 +177,6 @@ inline std::tuple<at::Tensor, at::Tensor> attach_forward_outputs(RowArgs& a, con
   if (grad != nullptr) {
     a.grad = grad_view(*grad, logits);
     a.write_grad = true;
-    a.grad_scale = grad_scale;
   }
   return {values, stats};
 }
@@ -181,30 +198,33 @@ inline void attach_backward_args(RowArgs& a, const at::Tensor& logits, const at:
 // describe, run. The backend supplies
 //   Guard      constructed from the logits before anything else: checks their device and
 //              holds whatever the kernels need (the CUDA binding: a device guard);
-//   forward(a), backward(a)   which run its kernels on a checked RowArgs.
+//   forward(a), backward(a)   which run its kernels on a checked RowArgs;
+//   set_grad_scale(a, s)      points a at the fused path's grad_scale s (a checked float64
+//                             tensor of one element on the device): the CPU reads it, a
+//                             GPU kernel reads it from device memory.
 template <class Backend>
 struct RowOps {
   static std::tuple<at::Tensor, at::Tensor> forward(const std::string& op, const at::Tensor& logits,
                                                     const c10::optional<at::Tensor>& teacher,
                                                     const c10::optional<at::Tensor>& teacher2,
                                                     const c10::optional<at::Tensor>& labels, int64_t ignore_index,
-                                                    double inv_temperature, double alpha, double gamma) {
-    return run_forward(op, logits, teacher, teacher2, labels, ignore_index, inv_temperature, alpha, gamma, nullptr, 1.0);
+                                                    c10::ArrayRef<double> params) {
+    return run_forward(op, logits, teacher, teacher2, labels, ignore_index, params, nullptr, nullptr);
   }
 
   static std::tuple<at::Tensor, at::Tensor> forward_with_grad(
       const std::string& op, const at::Tensor& logits, const c10::optional<at::Tensor>& teacher,
       const c10::optional<at::Tensor>& teacher2, const c10::optional<at::Tensor>& labels, int64_t ignore_index,
-      double inv_temperature, double alpha, double gamma, at::Tensor grad, double grad_scale) {
-    return run_forward(op, logits, teacher, teacher2, labels, ignore_index, inv_temperature, alpha, gamma, &grad, grad_scale);
+      c10::ArrayRef<double> params, at::Tensor grad, const at::Tensor& grad_scale) {
+    return run_forward(op, logits, teacher, teacher2, labels, ignore_index, params, &grad, &grad_scale);
   }
 
   static void backward(const std::string& op, const at::Tensor& logits, const c10::optional<at::Tensor>& teacher,
                        const c10::optional<at::Tensor>& teacher2, const c10::optional<at::Tensor>& labels,
                        const at::Tensor& stats, const at::Tensor& grad_rows, int64_t ignore_index,
-                       double inv_temperature, double alpha, double gamma, at::Tensor grad) {
+                       c10::ArrayRef<double> params, at::Tensor grad) {
     const typename Backend::Guard guard(logits);
-    RowCall call = make_row_call(op, logits, teacher, teacher2, labels, ignore_index, inv_temperature, alpha, gamma);
+    RowCall call = make_row_call(op, logits, teacher, teacher2, labels, ignore_index, params);
     attach_backward_args(call.args, logits, stats, grad_rows, grad);
     Backend::backward(call.args);
   }
@@ -214,11 +234,16 @@ struct RowOps {
                                                         const c10::optional<at::Tensor>& teacher,
                                                         const c10::optional<at::Tensor>& teacher2,
                                                         const c10::optional<at::Tensor>& labels,
-                                                        int64_t ignore_index, double inv_temperature, double alpha,
-                                                        double gamma, const at::Tensor* grad, double grad_scale) {
+                                                        int64_t ignore_index, c10::ArrayRef<double> params,
+                                                        const at::Tensor* grad, const at::Tensor* grad_scale) {
     const typename Backend::Guard guard(logits);
-    RowCall call = make_row_call(op, logits, teacher, teacher2, labels, ignore_index, inv_temperature, alpha, gamma);
-    auto outputs = attach_forward_outputs(call.args, logits, grad, grad_scale);
+    RowCall call = make_row_call(op, logits, teacher, teacher2, labels, ignore_index, params);
+    at::Tensor scale;  // kept alive while the kernels may read it
+    if (grad_scale != nullptr) {
+      scale = check_grad_scale(*grad_scale, logits);
+      Backend::set_grad_scale(call.args, scale);
+    }
+    auto outputs = attach_forward_outputs(call.args, logits, grad);
     Backend::forward(call.args);
     return outputs;
   }

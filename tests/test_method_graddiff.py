@@ -26,6 +26,11 @@ def test_graddiff_kl(backend):
 
 
 def test_bad_retain_kind_is_rejected():
-    m = setup_method(GradDiff, retain_loss="mse")
-    with pytest.raises(ValueError, match="retain loss must be 'nll' or 'kl'"):
-        m.loss(m._test_batch)
+    with pytest.raises(ValueError, match="option 'retain_loss' must be one of 'nll', 'kl', got 'mse'"):
+        GradDiff(retain_loss="mse")
+
+
+def test_open_unlearning_names_are_pointed_to():
+    with pytest.raises(ValueError, match="open-unlearning's 'gamma' is 'forget_weight' here"):
+        GradDiff.make_options({"gamma": "1.0"})
+    assert "[open-unlearning: alpha]" in GradDiff.describe()

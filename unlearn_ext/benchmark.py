@@ -104,7 +104,7 @@ SCALES = {
 def method_options(name: str, split: str, scale: Scale) -> dict:
     """Options that differ from a method's defaults (the papers' TOFU settings for 7B models)."""
     if name == "simnpo" and split == "forget10":
-        return {"beta": 4.5, "retain_weight": 0.125}  # SimNPO's own forget10 setting (defaults: forget05)
+        return {"beta": 4.5, "forget_weight": 0.125}  # SimNPO's own forget10 setting (defaults: forget05)
     if name == "rkld":
         # The paper builds the augmented model at its fine-tuning learning rate (1e-5 for both).
         return {"augment_lr": scale.finetune_lr}

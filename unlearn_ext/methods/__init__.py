@@ -10,13 +10,15 @@ from .finetune import Finetune
 from .ga import GA
 from .graddiff import GradDiff
 from .head import FusedLinearHead, LogitsHead, Outputs, make_head
+from .idkdpo import IdkDPO
 from .npo import NPO, NPOKL, NPORT
 from .rkld import RKLD
+from .rmu import RMU
 from .simnpo import SimNPO
 from .undial import UnDIAL
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (GA, GradDiff, NPO, NPORT, NPOKL, SimNPO, RKLD, UnDIAL, EUL,
-                                                         EvaluatorGuided)}
+                                                         EvaluatorGuided, RMU, IdkDPO)}
 
 
 def get_method(name: str) -> type[Method]:
@@ -29,4 +31,4 @@ def get_method(name: str) -> type[Method]:
 
 __all__ = ["METHODS", "get_method", "Method", "Models", "PrepareData", "freeze", "Outputs", "LogitsHead",
            "FusedLinearHead", "make_head", "GA", "GradDiff", "NPO", "NPORT", "NPOKL", "SimNPO",
-           "RKLD", "UnDIAL", "EUL", "EvaluatorGuided", "LogisticEvaluator", "Finetune"]
+           "RKLD", "UnDIAL", "EUL", "EvaluatorGuided", "LogisticEvaluator", "Finetune", "RMU", "IdkDPO"]

@@ -3,7 +3,13 @@
 A method is a small class (DESIGN.md, "Methods"):
 
 - ``Options``: a dataclass of its hyperparameters with the paper's defaults; each field's
-  ``metadata["help"]`` documents it (the command line prints them).
+  ``metadata["help"]`` documents it (the command line prints them), ``metadata["choices"]``
+  lists the values a text option may take (checked when the method is made).
+- ``open_unlearning_names``: the names open-unlearning (locuslab/open-unlearning) gives
+  the same options, e.g. ``{"gamma": "forget_weight", "alpha": "retain_weight"}``. They
+  are documented, printed by ``describe`` and named in the error for an unknown option;
+  they are not accepted as aliases: ``gamma`` and ``alpha`` mean other things in UnDIAL,
+  RKLD and EUL (their papers' γ and α), so a ported config must say which it means.
 - ``prepare(models, data)``: one-off work before training, on unwrapped models (RKLD's
   augmented model, EUL's adapters, the evaluator-guided classifier). Runs on every rank
   with the same seed, so every rank prepares the same thing.
@@ -23,12 +29,28 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
-from .head import LogitsHead, Outputs, make_head
+from .head import MASKINGS, LogitsHead, Outputs, make_head
 
 
-def option(default, help: str):
-    """A hyperparameter with its documentation."""
-    return field(default=default, metadata={"help": help})
+def option(default, help: str, choices: tuple[str, ...] | None = None):
+    """A hyperparameter with its documentation (and, for a text option, its allowed values)."""
+    return field(default=default, metadata={"help": help, **({"choices": choices} if choices else {})})
+
+
+def masking_option():
+    """The ``masking`` option of the methods with an UnDIAL or KL term (DESIGN.md)."""
+    return option("answer", "answer: UnDIAL and KL terms average over answer tokens; open_unlearning: over every "
+                            "position, as open-unlearning computes them (to compare with its leaderboards); NLL "
+                            "terms are the same either way", MASKINGS)
+
+
+def check_choices(options) -> None:
+    """ValueError naming the option whose value is not one of its ``choices``."""
+    for f in dataclasses.fields(options):
+        choices = f.metadata.get("choices")
+        value = getattr(options, f.name)
+        if choices and value not in choices:
+            raise ValueError(f"option {f.name!r} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
 @dataclass
@@ -74,12 +96,17 @@ class Method:
     name: ClassVar[str]
     Options: ClassVar[type]
     primary: ClassVar[str] = "forget"  # the batch part the epochs walk through
+    open_unlearning_names: ClassVar[dict[str, str]] = {}  # open-unlearning's option name -> ours
 
     def __init__(self, options=None, *, head: LogitsHead | None = None, **kwargs):
         if options is None:
             options = self.make_options(kwargs)
         elif kwargs:
             raise TypeError("pass either an options object or keyword options, not both")
+        try:
+            check_choices(options)
+        except ValueError as e:
+            raise ValueError(f"method {self.name!r}: {e}") from None
         self.options = options
         self.head = head if head is not None else make_head()
         self.models: Models | None = None
@@ -90,7 +117,10 @@ class Method:
         fields = {f.name: f for f in dataclasses.fields(cls.Options)}
         unknown = sorted(set(values) - set(fields))
         if unknown:
-            raise ValueError(f"method {cls.name!r} has no option {', '.join(map(repr, unknown))}; "
+            hints = [f"open-unlearning's {k!r} is {cls.open_unlearning_names[k]!r} here" for k in unknown
+                     if k in cls.open_unlearning_names]
+            raise ValueError(f"method {cls.name!r} has no option {', '.join(map(repr, unknown))}"
+                             f"{' (' + '; '.join(hints) + ')' if hints else ''}; "
                              f"its options: {', '.join(fields) or 'none'}")
         parsed = {}
         for key, value in values.items():
@@ -105,8 +135,10 @@ class Method:
     def describe(cls) -> str:
         """One line per option: name, default, help."""
         lines = []
+        theirs = {ours: name for name, ours in cls.open_unlearning_names.items()}
         for f in dataclasses.fields(cls.Options):
-            lines.append(f"    {f.name} (default {f.default!r}): {f.metadata.get('help', '')}")
+            alias = f" [open-unlearning: {theirs[f.name]}]" if f.name in theirs else ""
+            lines.append(f"    {f.name} (default {f.default!r}): {f.metadata.get('help', '')}{alias}")
         return "\n".join(lines) if lines else "    (no options)"
 
     def needs_reference(self) -> bool:
@@ -138,14 +170,16 @@ class Method:
     def frozen(self, model: torch.nn.Module, part: dict, *, hidden: bool = False) -> Outputs:
         return self.head.run(model, part, hidden=hidden)
 
-    def add_retain(self, batch: dict, value: torch.Tensor, logs: dict, kind: str, weight: float):
+    def add_retain(self, batch: dict, value: torch.Tensor, logs: dict, kind: str, weight: float,
+                   masking: str = "answer"):
         """``value + weight·R`` with R the NLL on the retain answers (``kind="nll"``) or
-        KL(π_ref ‖ π_θ) over them (``"kl"``); ``value`` unchanged when the weight is 0."""
+        KL(π_ref ‖ π_θ) over them (``"kl"``; ``masking="open_unlearning"``: over every
+        position, as open-unlearning averages it); ``value`` unchanged when the weight is 0."""
         if kind not in ("nll", "kl"):
             raise ValueError(f"retain loss must be 'nll' or 'kl', got {kind!r}")
         if weight == 0:
             return value, logs
         out = self.student(batch["retain"])
         ref = self.frozen(self.models.reference, batch["retain"]) if kind == "kl" else None
-        retain = self.head.retain_loss(out, ref)
+        retain = self.head.retain_loss(out, ref, masking=masking)
         return value + weight * retain, {**logs, f"retain_{kind}": retain.detach()}

@@ -44,6 +44,7 @@ class Outputs:
     weight: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     softcap: float | None = None
+    last_logits: torch.Tensor | None = None  # [B, V] the last position (logits head): only masking="open_unlearning"
 
     @property
     def answer_mask(self) -> torch.Tensor:
@@ -63,7 +64,7 @@ class LogitsHead:
         out = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"], output_hidden_states=hidden,
                     use_cache=False)
         return Outputs(labels=part["labels"][:, 1:], logits=out.logits[:, :-1],
-                       hidden=out.hidden_states[-1][:, :-1] if hidden else None)
+                       hidden=out.hidden_states[-1][:, :-1] if hidden else None, last_logits=out.logits[:, -1])
 
     # Row ops (mean over answer tokens).
     def cross_entropy(self, out: Outputs) -> torch.Tensor:
@@ -80,8 +81,11 @@ class LogitsHead:
     def rkld(self, out: Outputs, original: Outputs, augmented: Outputs, *, alpha: float) -> torch.Tensor:
         return ops.rkld(out.logits, original.logits, augmented.logits, out.labels, alpha=alpha, backend=self.backend)
 
-    def undial(self, out: Outputs, teacher: Outputs, *, gamma: float) -> torch.Tensor:
-        return ops.undial(out.logits, teacher.logits, out.labels, gamma=gamma, backend=self.backend)
+    def undial(self, out: Outputs, teacher: Outputs, *, gamma: float, masking: str = "answer") -> torch.Tensor:
+        labels = out.labels
+        if check_masking(masking):
+            labels = open_unlearning_undial_labels(labels, out.logits.shape[-1])
+        return ops.undial(out.logits, teacher.logits, labels, gamma=gamma, backend=self.backend)
 
     # Sequence losses.
     def sequence_logprob(self, out: Outputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,9 +94,20 @@ class LogitsHead:
     def ga_loss(self, out: Outputs) -> torch.Tensor:
         return ops.ga_loss(out.logits, out.labels, backend=self.backend)
 
-    def retain_loss(self, out: Outputs, reference: Outputs | None = None) -> torch.Tensor:
+    def retain_loss(self, out: Outputs, reference: Outputs | None = None, *, masking: str = "answer") -> torch.Tensor:
+        if check_masking(masking) and reference is not None:
+            return self._kl_every_position(out, reference)
         return ops.retain_loss(out.logits, out.labels, None if reference is None else reference.logits,
                                backend=self.backend)
+
+    def _kl_every_position(self, out: Outputs, reference: Outputs) -> torch.Tensor:
+        """open-unlearning's KL retain term: every position of the unshifted logits (the shifted
+        ones and the last), divided by their number B·T."""
+        if out.last_logits is None or reference.last_logits is None:
+            raise ValueError("masking='open_unlearning' needs the logits of every position (Outputs.last_logits)")
+        total = (ops.forward_kl(out.logits, reference.logits, reduction="sum", backend=self.backend)
+                 + ops.forward_kl(out.last_logits, reference.last_logits, reduction="sum", backend=self.backend))
+        return total / (out.labels.numel() + out.labels.shape[0])
 
     def npo_loss(self, out: Outputs, ref_logprob: torch.Tensor, *, beta: float) -> torch.Tensor:
         return ops.npo_loss(out.logits, out.labels, ref_logprob, beta=beta, backend=self.backend)
@@ -147,8 +162,11 @@ class FusedLinearHead(LogitsHead):
         return fl.fused_linear_rkld(out.hidden, out.weight, self._head(original), self._head(augmented),
                                          out.labels, alpha=alpha, **self._kw(out))
 
-    def undial(self, out, teacher, *, gamma):
-        return fl.fused_linear_undial(out.hidden, out.weight, self._head(teacher), out.labels, gamma=gamma,
+    def undial(self, out, teacher, *, gamma, masking="answer"):
+        labels = out.labels
+        if check_masking(masking):  # the last position (ignored by shift_labels) stays out, as in theirs
+            labels = torch.cat([open_unlearning_undial_labels(labels[:, :-1], out.weight.shape[0]), labels[:, -1:]], 1)
+        return fl.fused_linear_undial(out.hidden, out.weight, self._head(teacher), labels, gamma=gamma,
                                            **self._kw(out))
 
     def sequence_logprob(self, out):
@@ -157,7 +175,9 @@ class FusedLinearHead(LogitsHead):
     def ga_loss(self, out):
         return fl.fused_linear_ga(out.hidden, out.weight, out.labels, **self._kw(out))
 
-    def retain_loss(self, out, reference=None):
+    def retain_loss(self, out, reference=None, *, masking="answer"):
+        if check_masking(masking) and reference is not None:  # every position: hidden is unshifted [B, T, H]
+            return fl.fused_linear_forward_kl(out.hidden, out.weight, self._head(reference), None, **self._kw(out))
         ref = None if reference is None else self._head(reference)
         return fl.fused_linear_retain(out.hidden, out.weight, out.labels, ref, **self._kw(out))
 
@@ -167,6 +187,34 @@ class FusedLinearHead(LogitsHead):
     def simnpo_loss(self, out, *, beta, delta):
         return fl.fused_linear_simnpo(out.hidden, out.weight, out.labels, beta=beta, delta=delta,
                                            **self._kw(out))
+
+
+# ---- masking="open_unlearning" (DESIGN.md): open-unlearning's UnDIAL and KL-retain averaging ----
+MASKINGS = ("answer", "open_unlearning")
+
+
+def check_masking(masking: str) -> bool:
+    """Whether ``masking`` asks for open-unlearning's averaging; ValueError for an unknown value.
+
+    ``"answer"`` (default): UnDIAL and KL terms average over answer tokens. ``"open_unlearning"``:
+    as locuslab/open-unlearning computes them, to compare with its leaderboards — UnDIAL over
+    every shifted position (prompt and padding included), KL retain over every unshifted one.
+    """
+    if masking not in MASKINGS:
+        raise ValueError(f"masking must be one of {', '.join(map(repr, MASKINGS))}, got {masking!r}")
+    return masking == "open_unlearning"
+
+
+def open_unlearning_undial_labels(labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """open-unlearning's ``compute_undial_loss`` lowers the teacher logit at the label on every
+    position; at ignored ones its index −100 counts from the end of the vocabulary: token V − 100.
+    These labels make every position count with that token (where it raises IndexError for
+    V < 100, this raises a ValueError naming the option)."""
+    if vocab_size < 100:
+        raise ValueError(f"masking='open_unlearning' lowers the teacher logit of token V - 100 at ignored positions "
+                         f"(open-unlearning indexes the vocabulary with the label -100); the vocabulary has "
+                         f"{vocab_size} < 100 tokens: use masking='answer'")
+    return torch.where(labels == IGNORE_INDEX, vocab_size - 100, labels)
 
 
 def make_head(fused: bool | None = None, backend: str | None = None) -> LogitsHead:

@@ -8,8 +8,12 @@ augmented model boosted are pushed down, the rest of the distribution is left as
 The student minimises KL(student ‖ teacher) — reverse KL, the paper's point (its
 forward-KL ablation fails). The teacher is built inside the kernel, never in memory.
 
-The paper's objective has no retain term (the teacher keeps everything but the boosted
-tokens); an optional retain NLL or KL (weight w_r, default 0) is available.
+loss = w_f·RKLD_forget + w_r·retain. The paper's objective has no retain term (the teacher
+keeps everything but the boosted tokens): w_f = 1, w_r = 0 (no public code; not in
+open-unlearning). An optional retain NLL or KL is available; ``masking: open_unlearning``
+averages that KL over every position, as open-unlearning's KL retain term does.
+Note: ``alpha`` here is the paper's α of the teacher, not a retain weight (open-unlearning's
+``alpha``): that is ``retain_weight``.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass
 
-from .base import Method, Models, freeze, option
+from .base import Method, Models, freeze, masking_option, option
 from .finetune import Finetune
 
 
@@ -26,8 +30,11 @@ class RKLDOptions:
     alpha: float = option(8.0, "α in the teacher o − α·relu(a − o)")
     augment_epochs: float = option(10.0, "epochs of NLL on the forget set that make the augmented model")
     augment_lr: float = option(1e-5, "learning rate of the augmented model's fine-tuning")
+    forget_weight: float = option(1.0, "w_f, weight of the reverse-KL forget term")
     retain_weight: float = option(0.0, "w_r, weight of an optional retain term (0 = the paper's objective)")
-    retain_loss: str = option("nll", "retain term: nll, or kl = KL(reference || model) on retain answers")
+    retain_loss: str = option("nll", "retain term: nll, or kl = KL(reference || model) on retain answers",
+                              ("nll", "kl"))
+    masking: str = masking_option()
 
 
 class RKLD(Method):
@@ -56,6 +63,7 @@ class RKLD(Method):
         forget = batch["forget"]
         original = self.frozen(self.models.reference, forget)
         augmented = self.frozen(self.models.extra["augmented"], forget)
-        value = self.head.rkld(self.student(forget), original, augmented, alpha=self.options.alpha)
-        return self.add_retain(batch, value, {"rkld": value.detach()}, self.options.retain_loss,
-                               self.options.retain_weight)
+        o = self.options
+        value = self.head.rkld(self.student(forget), original, augmented, alpha=o.alpha)
+        return self.add_retain(batch, o.forget_weight * value, {"rkld": value.detach()}, o.retain_loss,
+                               o.retain_weight, o.masking)

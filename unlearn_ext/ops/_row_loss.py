@@ -6,9 +6,12 @@ writes the gradient, optionally over the logits. So they share this Function and
 only in the kernel op they name; each op's own file holds its public function, its
 nn.Module and its reference.
 
-Reductions happen inside the Function so that the CPU backend can write the gradient
-during the forward (one walk over a row from memory instead of two). A per-row upstream
-gradient (reduction="none") always goes through the exact backward kernel.
+Reductions happen inside the Function so that the kernels can write the gradient during
+the forward (one walk over a row from memory instead of two) for sum/mean, on every kernel
+backend and device, without a host synchronisation: the mean's divisor stays on the device
+and the kernel reads it there; the backward scales by the upstream gradient on the device
+(nothing when it is 1; see _grad_scale.py). A per-row upstream gradient (reduction="none")
+and inplace_backward go through the exact backward kernel.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from torch.autograd.function import once_differentiable
 from .. import reference
 from .._backends import _kernels, resolve
 from ._checks import check_finite, check_labels, check_logits, check_reduction, check_teacher, tracing
+from ._grad_scale import scale_grad_
 from ._huge_pages import advise_huge_pages
 
 
@@ -29,6 +33,14 @@ class RowParams(NamedTuple):
     inv_temperature: float = 1.0
     alpha: float = 0.0  # RKLD
     gamma: float = 0.0  # UnDIAL
+    label_smoothing: float = 0.0  # cross_entropy
+    lse_square_scale: float = 0.0  # cross_entropy's z-loss
+    softcap: float = 0.0  # student logits c·tanh(z / c); 0: none
+    beta: float = 0.5  # jsd
+
+    def scalars(self) -> list[float]:
+        """The kernels' `float[] params`, in the order of csrc/common/row_args.h (set_params)."""
+        return [float(x) for x in self[1:]]
 
 
 def new_grad_buffer(like: torch.Tensor) -> torch.Tensor:
@@ -62,55 +74,84 @@ def _rows_disjoint(x: torch.Tensor) -> bool:
     return True
 
 
+def mean_divisor(labels: torch.Tensor | None, ignore_index: int, rows: int) -> torch.Tensor | int:
+    """The divisor of a mean, at least 1: the counted labels as a device tensor (counting
+    them on the host would be a synchronisation), else the number of rows."""
+    if labels is None:
+        return max(rows, 1)
+    return (labels != ignore_index).sum().clamp_(min=1)
+
+
+def grad_scale_tensor(reduction: str, divisor, device: torch.device) -> torch.Tensor:
+    """The fused forward's gradient scale on the device, float64: 1 for a sum, 1/divisor for
+    a mean. torch.full is a fill kernel, not a copy from the host: legal in CUDA-graph capture."""
+    if reduction == "mean" and isinstance(divisor, torch.Tensor):
+        return divisor.to(torch.float64).reciprocal()
+    scale = 1.0 / divisor if reduction == "mean" else 1.0
+    return torch.full((), scale, dtype=torch.float64, device=device)
+
+
+def _reduce_rows(values, reduction, divisor):
+    if reduction == "none":
+        return values
+    if reduction == "sum":
+        return values.sum()
+    return values.sum() / divisor
+
+
 class RowLossFunction(torch.autograd.Function):
+    """The loss, and with ``return_z_loss`` (cross_entropy) also its z-loss part
+    lse_square_scale·lse², reduced alike: taken from the saved statistics (log-sum-exp =
+    stats 0 + 1), for logging, without a gradient of its own (as Liger's)."""
+
     @staticmethod
     def forward(ctx, logits, teacher, teacher2, labels, op: str, params: RowParams, reduction: str,
-                backend: str, inplace: bool):
+                backend: str, inplace: bool, return_z_loss: bool = False):
         kernels = _kernels(backend)
         rows = logits.numel() // logits.shape[-1]
-        count = None
-        if reduction == "mean":
-            count = ((labels != params.ignore_index).sum() if labels is not None
-                     else torch.tensor(rows, device=logits.device))
+        divisor = mean_divisor(labels, params.ignore_index, rows) if reduction == "mean" else 1
         ctx.op, ctx.params, ctx.reduction, ctx.backend, ctx.inplace = op, params, reduction, backend, inplace
-        # The fused path (gradient written in the forward) needs the mean's divisor and, in
-        # the backward, whether the upstream gradient is 1 on the host: free for CPU tensors,
-        # a synchronisation for GPU ones. GPUs take the backward kernel instead: no sync, so
-        # eager, CUDA graphs and torch.compile all behave alike.
-        ctx.fused = (reduction != "none" and kernels.fuses_grad and logits.device.type == "cpu"
-                     and ctx.needs_input_grad[0] and not tracing())
+        ctx.divisor = divisor if not isinstance(divisor, torch.Tensor) else None
+        # In place, the gradient is written in the backward, once every forward that reads
+        # the logits has run; the fused path would overwrite them under later readers' feet.
+        ctx.fused = reduction != "none" and kernels.fuses_grad and ctx.needs_input_grad[0] and not inplace
         ctx.scaled = False
         if ctx.fused:
-            grad = logits if inplace else new_grad_buffer(logits)
-            scale = 1.0 / max(int(count), 1) if reduction == "mean" else 1.0
-            values, stats = kernels.forward_with_grad(op, logits, teacher, teacher2, labels, params, grad, scale)
+            grad = new_grad_buffer(logits)
+            values, stats = kernels.forward_with_grad(op, logits, teacher, teacher2, labels, params, grad,
+                                                      grad_scale_tensor(reduction, divisor, logits.device))
             ctx.save_for_backward(grad)
         else:
             values, stats = kernels.forward(op, logits, teacher, teacher2, labels, params)
             if ctx.needs_input_grad[0]:
-                ctx.save_for_backward(logits, teacher, teacher2, labels, stats, count)
+                ctx.save_for_backward(logits, teacher, teacher2, labels, stats,
+                                      divisor if ctx.divisor is None else None)
+        out = _reduce_rows(values, reduction, divisor)
+        if not return_z_loss:
+            return out.reshape(logits.shape[:-1]) if reduction == "none" else out
+        z = _reduce_rows(params.lse_square_scale * (stats[:, 0] + stats[:, 1]) ** 2, reduction, divisor)
+        ctx.mark_non_differentiable(z)
         if reduction == "none":
-            return values.reshape(logits.shape[:-1])
-        if reduction == "sum":
-            return values.sum()
-        return values.sum() / count.clamp(min=1)
+            return out.reshape(logits.shape[:-1]), z.reshape(logits.shape[:-1])
+        return out, z
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g):
-        nones = (None,) * 8
+    def backward(ctx, g, *z_loss_grad):
+        nones = (None,) * 9
         if ctx.fused:
             if ctx.scaled:
                 raise RuntimeError(
                     f"unlearn_ext: {ctx.op} wrote its gradient during the forward (reduction={ctx.reduction!r}) and "
-                    "a first backward scaled it in place; a second backward through the same graph "
-                    "(retain_graph=True) is not supported. Use reduction='none' and reduce the result yourself.")
+                    "a first backward scaled it in place (off the CPU: may have, decided on the device); a second "
+                    "backward through the same graph (retain_graph=True) is not supported. Use reduction='none' "
+                    "and reduce the result yourself.")
             (grad,) = ctx.saved_tensors
-            if bool(g != 1):  # the forward wrote the gradient for an upstream gradient of 1
-                ctx.scaled = True
-                grad.mul_(g)
+            # The forward wrote the gradient for an upstream gradient of 1.
+            ctx.scaled = scale_grad_(_kernels(ctx.backend), grad, g)
             return (grad,) + nones
         logits, teacher, teacher2, labels, stats, count = ctx.saved_tensors
+        count = ctx.divisor if count is None else count
         rows = stats.shape[0]
         g = g.to(stats.dtype)
         if ctx.reduction == "none":
@@ -118,9 +159,13 @@ class RowLossFunction(torch.autograd.Function):
         elif ctx.reduction == "sum":
             grad_rows = g.expand(rows).contiguous()
         else:
-            grad_rows = (g / count.clamp(min=1)).expand(rows).contiguous()
+            grad_rows = (g / count).expand(rows).contiguous()
         grad = logits if ctx.inplace else new_grad_buffer(logits)
         _kernels(ctx.backend).backward(ctx.op, logits, teacher, teacher2, labels, stats, grad_rows, ctx.params, grad)
+        if ctx.inplace:
+            # The kernel wrote through a raw pointer: tell autograd, so that every other
+            # node that saved these logits raises instead of reading a gradient.
+            torch.autograd.graph.increment_version(logits)
         return (grad,) + nones
 
 
@@ -139,11 +184,17 @@ def row_loss(
     inplace_backward: bool,
     alpha: float = 0.0,
     gamma: float = 0.0,
-) -> torch.Tensor:
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    beta: float = 0.5,
+    z_loss_fn: Callable[..., torch.Tensor] | None = None,
+):
     """Checks the arguments of a row op and runs it on the chosen backend.
 
     ``teachers`` are (argument name, tensor) pairs; ``reference_fn(logits, *teachers,
-    labels)`` gives the per-row values of the torch backend.
+    labels)`` gives the per-row values of the torch backend. With ``z_loss_fn(logits,
+    labels)`` (the torch backend's per-row z-loss) it returns (loss, z_loss).
     """
     check_logits(logits)
     for name, teacher in teachers:
@@ -157,17 +208,25 @@ def row_loss(
     kernels = resolve(backend, logits.device)
     if kernels is None:
         values = reference_fn(logits, *(t for _, t in teachers), labels)
-        return reference.reduce(values, labels, ignore_index=ignore_index, reduction=reduction)
+        out = reference.reduce(values, labels, ignore_index=ignore_index, reduction=reduction)
+        if z_loss_fn is None:
+            return out
+        with torch.no_grad():
+            return out, reference.reduce(z_loss_fn(logits, labels), labels, ignore_index=ignore_index,
+                                         reduction=reduction)
 
-    params = RowParams(ignore_index, 1.0 / temperature, float(alpha), float(gamma))
+    params = RowParams(ignore_index, 1.0 / temperature, float(alpha), float(gamma), float(label_smoothing),
+                       float(lse_square_scale), float(softcap or 0.0), float(beta))
     teacher_views = [_kernel_view(t.detach()) for _, t in teachers] + [None] * (2 - len(teachers))
     view = _kernel_view(logits)
     # Rows that share memory (an expanded tensor) cannot each hold their own gradient:
     # such logits get a fresh buffer.
     inplace = bool(inplace_backward) and not tracing() and _rows_disjoint(view)
     out = RowLossFunction.apply(view, teacher_views[0], teacher_views[1], flat_labels, op, params, reduction,
-                                kernels.name, inplace)
-    return out.reshape(logits.shape[:-1]) if reduction == "none" else out
+                                kernels.name, inplace, z_loss_fn is not None)
+    if z_loss_fn is None:
+        return out.reshape(logits.shape[:-1]) if reduction == "none" else out
+    return tuple(x.reshape(logits.shape[:-1]) if reduction == "none" else x for x in out)
 
 
 class RowLossModule(torch.nn.Module):

@@ -1,0 +1,25 @@
+"""Every registered method has a config (configs/<name>.yaml) that the command line reads
+into valid options of that method."""
+from pathlib import Path
+
+import pytest
+
+from unlearn_ext import cli
+from unlearn_ext.methods import METHODS
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_has_a_config_that_parses_into_valid_options(name):
+    path = CONFIGS / f"{name}.yaml"
+    assert path.is_file(), f"configs/{name}.yaml is missing"
+    values = cli.resolve("unlearn", cli.COMMANDS["unlearn"][0],
+                         {"config": str(path), "model": "m", "output": "o", "forget": "f"})
+    assert values["method"] == name
+    cls = METHODS[name]
+    method = cls(cls.make_options(cli._pairs(values["method_arg"], "method-arg")))  # checks every option's choices
+    assert values["lr"] > 0
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("#") and "lr" in text  # where the numbers come from, in a comment
+    assert method.options is not None
