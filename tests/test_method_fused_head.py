@@ -41,8 +41,8 @@ def test_fused_head_gives_the_logits_head_loss_and_gradients(monkeypatch, name):
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
 
 
-def test_make_head_prefers_the_fused_path_in_one_process(monkeypatch):
+def test_make_head_prefers_the_fused_path_in_one_process_and_under_ddp(monkeypatch):
     assert isinstance(make_head(), FusedLinearHead)
     assert type(make_head(fused=False)) is LogitsHead
-    monkeypatch.setenv("WORLD_SIZE", "2")  # not wired for DDP/FSDP yet: the default falls back
-    assert type(make_head()) is LogitsHead
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun: the loss runs inside the wrapped forward
+    assert isinstance(make_head(), FusedLinearHead)

@@ -41,6 +41,11 @@ def _bool(text) -> bool:
     raise ValueError(f"expected true or false, got {text!r}")
 
 
+def _lora_targets(value) -> tuple[str, ...]:
+    from .lora import parse_targets
+    return parse_targets(value)
+
+
 def _optional_float(text) -> float | None:
     return None if text is None or str(text).lower() in ("none", "null", "0") else float(text)
 
@@ -100,7 +105,7 @@ RUN_OPTS = MODEL_OPTS + [
     Opt("resume", _bool, False, "continue from the newest checkpoint in --output", flag_kind="bool"),
     Opt("max-length", int, 512, "tokens per example (prompt + answer); longer answers are cut"),
     Opt("fused", _bool, None, "loss path: fused-linear (no [N, V] logits) or materialised logits; "
-                              "default: fused in single-process runs", flag_kind="bool"),
+                              "default: fused (under torchrun / accelerate launch too)", flag_kind="bool"),
     Opt("backend", default=None, help="loss kernel backend: torch, cpu, cuda or triton (default: fastest available)"),
     Opt("lr", float, 1e-5, "peak learning rate of AdamW"),
     Opt("lr-schedule", default="linear", choices=("constant", "linear", "cosine"),
@@ -129,8 +134,24 @@ RUN_OPTS = MODEL_OPTS + [
         help="dtype of the saved model; auto: the dtype the --model directory is stored in"),
     Opt("progress", _bool, True, "show a progress bar", flag_kind="bool"),
 ]
-FINETUNE_OPTS = RUN_OPTS + [Opt("data", help="JSON/JSONL file of {question, answer} records to train on (required)")]
-UNLEARN_OPTS = RUN_OPTS + [
+# At scale: FSDP2 and LoRA (README "Distributed, LoRA").
+SCALE_OPTS = [
+    Opt("fsdp", _bool, None, "shard the student with FSDP2 (fully_shard per decoder layer) in multi-process runs; "
+                             "default: when started by `accelerate launch --use_fsdp`", flag_kind="bool"),
+    Opt("shard-frozen", _bool, False, "under FSDP, shard the frozen models' decoder layers too", flag_kind="bool"),
+    Opt("lora-r", int, 0, "LoRA rank (PEFT adapters; only they train); 0: train the whole model"),
+    Opt("lora-alpha", float, 16.0, "LoRA alpha (the adapters' product is scaled by alpha / r)"),
+    Opt("lora-dropout", float, 0.0, "dropout on the LoRA adapters' input"),
+    Opt("lora-targets", _lora_targets, None, "comma-separated module names that get adapters (YAML: a list); "
+                                             "default: the attention and MLP projections "
+                                             "(q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)"),
+    Opt("merge-lora", _bool, False, "also write the model with the adapters merged to OUTPUT/model "
+                                    "(the adapters alone always go to OUTPUT/adapter, PEFT format)",
+        flag_kind="bool"),
+]
+FINETUNE_OPTS = RUN_OPTS + SCALE_OPTS + [
+    Opt("data", help="JSON/JSONL file of {question, answer} records to train on (required)")]
+UNLEARN_OPTS = RUN_OPTS + SCALE_OPTS + [
     Opt("method", help="unlearning method (required; see below)"),
     Opt("forget", help="JSON/JSONL file of {question, answer} records to forget (required)"),
     Opt("retain", help="JSON/JSONL file of records to retain (required by methods with a retain term)"),
@@ -192,7 +213,7 @@ BENCHMARK_OPTS = [
     Opt("splits", default="forget01,forget05,forget10", help="comma-separated forget splits"),
     Opt("methods", default="ga,graddiff,npo,npo_rt,simnpo,rkld,undial", help="comma-separated methods"),
     Opt("seed", int, 0, "seed of the data, the initialisations and the training order"),
-    Opt("fused", _bool, None, "loss path: fused-linear or materialised logits; default: fused in single-process runs",
+    Opt("fused", _bool, None, "loss path: fused-linear or materialised logits; default: fused",
         flag_kind="bool"),
     Opt("backend", default=None, help="loss kernel backend: torch, cpu, cuda or triton (default: fastest available)"),
     Opt("progress", _bool, True, "show progress bars", flag_kind="bool"),
@@ -382,7 +403,8 @@ def run_unlearn(values: dict) -> int:
     config = _train_config(values, desc=f"unlearn {cls.name}")
     model, tokenizer = load_model_and_tokenizer(values)
     evaluator = _eval_during_training(values, forget, retain, tokenizer, method)
-    reference = freeze(copy.deepcopy(model)) if method.needs_reference() else None
+    # With LoRA the trainer's reference is the student with adapters disabled: no copy.
+    reference = freeze(copy.deepcopy(model)) if method.needs_reference() and not values["lora_r"] else None
     train(method, Models(student=model, reference=reference),
           TrainData(forget, retain, QACollator(tokenizer, values["max_length"])), config, evaluator=evaluator,
           manifest=_run_manifest("unlearn", values, {"forget": values["forget"], "retain": values["retain"]}))

@@ -20,11 +20,14 @@ once before the loop instead of every step (``cache_frozen``, :mod:`unlearn_ext.
 each batch part carries its ``example_id`` (forget example i is i, retain example j is
 n_forget + j) for the cache to find them; the run's summary (manifest.json) says what it saved.
 
-Distribution goes through ``accelerate``: run the same script under ``accelerate launch``
-or ``torchrun`` for DDP or FSDP. The student is wrapped for training; frozen models
-(reference, RKLD's augmented model) are only placed on the device, one full copy per
-process, never wrapped (DDP would try to sync them; under FSDP a replicated frozen model
-costs memory but no communication per step — see the README for the trade-off).
+Distribution: run the same script under ``accelerate launch`` or ``torchrun``. What is
+wrapped is :class:`unlearn_ext.distributed.LossForward`, the student with ``method.loss``
+as its forward, so the fused-linear loss runs inside the wrapped forward: DDP through
+``accelerate``, FSDP2 (``fsdp``) applied here. Frozen models (reference, RKLD's augmented
+model) are only placed on the device, one full copy per process, never wrapped (DDP would
+try to sync them); under FSDP ``shard_frozen`` shards their decoder layers. With
+``lora_r`` the student gets PEFT LoRA adapters (:mod:`unlearn_ext.lora`) and the
+reference is the student with adapters disabled.
 """
 from __future__ import annotations
 
@@ -43,7 +46,8 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from tqdm.auto import tqdm
 
-from . import adapters, checkpoint
+from . import adapters, checkpoint, lora
+from .distributed import LossForward, fsdp_requested, shard_for_training, shard_frozen, unshard_root
 from .eval import dynamics
 from .file_modes import follow_umask
 from .methods.base import Method, Models, PrepareData
@@ -88,6 +92,14 @@ class TrainConfig:
     desc: str = "train"                # progress bar label
     cache_frozen: str = "auto"         # frozen models' outputs computed once: auto | memory | disk | off
     cache_memory_mb: float = 1024.0    # auto: the cache stays in device memory up to this size, else on disk
+    # At scale (README "Distributed, LoRA"): FSDP2 and LoRA.
+    fsdp: bool | None = None           # shard the student with FSDP2; None: when ACCELERATE_USE_FSDP is set
+    shard_frozen: bool = False         # under FSDP, shard frozen models' decoder layers too
+    lora_r: int = 0                    # LoRA rank; 0: train the whole model
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] | None = None  # None: the attention and MLP projections (lora.DEFAULT_TARGETS)
+    merge_lora: bool = False           # also write the merged model to model/ (adapters go to adapter/)
 
 
 @dataclass
@@ -297,16 +309,15 @@ def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
     if config.keep_best and evaluator is None:
         raise ValueError("keep_best needs evaluation during training (eval_every > 0)")
 
-    if acc.num_processes > 1 and method.head.name == "fused":
-        raise ValueError("the fused-linear loss path is not wired for multi-process (DDP/FSDP) runs yet: "
-                         "use the logits path (fused: false / --no-fused)")
+    fsdp = fsdp_requested(config.fsdp) and acc.num_processes > 1
+    _setup_lora(method, models, config)
     # One-off preparation, identical on every rank (same seed).
     if method.needs_reference() and models.reference is None:
         raise ValueError(f"method {method.name!r} needs a frozen reference model (Models.reference)")
     if method.needs_retain() and not data.retain:
         raise ValueError(f"method {method.name!r} needs retain examples")
     for model in (models.student, models.reference, *models.extra.values()):
-        if model is not None:
+        if model is not None and not _is_sharded(model):
             model.to(acc.device)
     select_train_layers(models.student, config.train_layers)
     torch.manual_seed(derive_seed(config.seed, "prepare"))
@@ -320,14 +331,9 @@ def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(models.student)
 
-    optimizer = make_optimizer(params, config)
-    student, optimizer = acc.prepare(models.student, optimizer)
+    wrapped, optimizer, params = _wrap(method, models, params, config, acc, fsdp)
     raw_optimizer = getattr(optimizer, "optimizer", optimizer)
-    params = [p for p in student.parameters() if p.requires_grad]  # FSDP replaces the parameter objects
-    models.student = student
-    if models.reference is not None:
-        models.reference = acc.prepare_model(models.reference, evaluation_mode=True)
-    models.extra = {k: acc.prepare_model(m, evaluation_mode=True) for k, m in models.extra.items()}
+    student = models.student  # the bare model (sharded in place under FSDP): checkpoints name its parameters
 
     plan = BatchPlan(len(data.examples), len(data.retain or ()), config, acc.num_processes)
     total = plan.total_steps()
@@ -362,6 +368,7 @@ def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
     cache = start_frozen_cache(method, models, lambda ids: _part(data, ids), lambda p: _to_device(p, acc.device),
                                config, plan, acc.device, start, acc.process_index)
     student.train()
+    optimizer.zero_grad(set_to_none=True)  # gradients left on the model by earlier use must not join step 1
     watch = _FiniteWatch(acc.device, never=total + 1)
     bar = tqdm(total=total, initial=start, desc=config.desc, disable=not (config.progress and acc.is_main_process))
     started = time.time()
@@ -378,8 +385,8 @@ def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
                 batch["retain"] = _to_device(_part(data, [plan.n + j for j in plan.retain(
                     step, micro, acc.process_index)]), acc.device)
             last = micro == config.grad_accum - 1
-            with contextlib.nullcontext() if last else acc.no_sync(student):
-                loss, logs = method.loss(batch)
+            with contextlib.nullcontext() if last else acc.no_sync(wrapped), acc.autocast():
+                loss, logs = wrapped(batch)
                 acc.backward(loss / config.grad_accum)
             for k, v in {"loss": loss.detach(), **logs}.items():
                 summed[k] = summed.get(k, 0.0) + v.float() / config.grad_accum
@@ -422,9 +429,11 @@ def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
     if cache_summary is not None and (config.progress or config.verbose) and acc.is_main_process:
         tqdm.write(describe_cache(cache_summary))
     student.eval()
+    if fsdp:
+        unshard_root(wrapped)
     method.finish(out, is_main=acc.is_main_process)
     if out is not None:
-        save_model(student, out / "model", acc, dtype=config.save_dtype)
+        save_model(student, out / "model", acc, dtype=config.save_dtype, merge_lora=config.merge_lora)
         if not config.keep_checkpoints and acc.is_main_process:
             checkpoint.remove_all(ckpt_root)  # the run is complete: nothing left to resume
     summary = run_summary(record, total - start, time.time() - started, out, evaluator, config)
@@ -524,14 +533,65 @@ def _evaluate_now(evaluator, student, step: int, total: int, out: Path | None, a
         save_model(student, out / "best", acc, dtype=config.save_dtype)
 
 
+def _is_sharded(model: torch.nn.Module) -> bool:
+    return any(hasattr(p, "device_mesh") for p in model.parameters())
+
+
+def _setup_lora(method: Method, models: Models, config: TrainConfig) -> None:
+    """With ``config.lora_r``: adapters on the student (only they train), and the student
+    with adapters disabled as the reference (no second copy) unless one was given."""
+    if not config.lora_r:
+        return
+    if method.name == "eul":
+        raise ValueError("lora_r: EUL trains its own unlearning layers (its paper's design), not LoRA adapters")
+    if not lora.has_lora(models.student):  # resuming in the same process: already attached
+        torch.manual_seed(derive_seed(config.seed, "lora"))
+        lora.attach_lora(models.student, lora.LoraOptions(config.lora_r, config.lora_alpha, config.lora_dropout,
+                                                          lora.parse_targets(config.lora_targets or lora.DEFAULT_TARGETS)))
+    if method.needs_reference() and models.reference is None:
+        models.reference = lora.WithoutAdapters(models.student)
+
+
+def _wrap(method: Method, models: Models, params, config: TrainConfig, acc, fsdp: bool):
+    """The student inside :class:`LossForward`, wrapped for DDP by accelerate or sharded
+    with FSDP2; frozen models placed (or sharded with ``shard_frozen``). Returns the
+    wrapped module, the prepared optimizer and the trainable parameters."""
+    wrapper = LossForward(models.student, method.loss)
+    if fsdp:
+        shard_for_training(wrapper)
+        params = [p for p in wrapper.parameters() if p.requires_grad]  # FSDP replaced the parameter objects
+        optimizer = acc.prepare_optimizer(make_optimizer(params, config))
+        wrapped = wrapper
+    else:
+        wrapped, optimizer = acc.prepare(wrapper, make_optimizer(params, config))
+    if fsdp and config.shard_frozen:
+        for model in (models.reference, *models.extra.values()):
+            # Not a LoRA view (no parameters of its own), nor a model a nested run sharded (RKLD's augmented one).
+            if model is not None and not isinstance(model, lora.WithoutAdapters) and not _is_sharded(model):
+                shard_frozen(model)
+    return wrapped, optimizer, params
+
+
 def full_state_dict(model) -> dict[str, torch.Tensor]:
     """Every parameter and buffer, gathered on the CPU (collective under FSDP)."""
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_model(model, directory: Path, acc, dtype: str | None = None) -> None:
-    """The final model, atomically (see :func:`write_model`); collective under FSDP."""
+def save_model(model, directory: Path, acc, dtype: str | None = None, *, merge_lora: bool = False) -> None:
+    """The final model, atomically (see :func:`write_model`); collective under FSDP. A LoRA
+    model: its adapters in PEFT's format in ``adapter/`` beside ``directory``, and the
+    merged model in ``directory`` only with ``merge_lora``."""
     state = full_state_dict(model)
+    config = lora.lora_config(acc.unwrap_model(model))
+    if config is not None:
+        if acc.is_main_process:
+            # OUTPUT/model -> OUTPUT/adapter; another directory (keep_best's best/) -> best_adapter.
+            name = "adapter" if directory.name == "model" else f"{directory.name}_adapter"
+            _save_lora_adapters(state, config, directory.with_name(name))
+        if not merge_lora:
+            acc.wait_for_everyone()
+            return
+        state = lora.merged_state_dict(state, config)
     if acc.is_main_process:
         for debris in directory.parent.glob(f".tmp-{directory.name}-*"):  # left by a killed save
             shutil.rmtree(debris, ignore_errors=True)
@@ -541,6 +601,16 @@ def save_model(model, directory: Path, acc, dtype: str | None = None) -> None:
             shutil.rmtree(directory)
         os.replace(tmp, directory)
     acc.wait_for_everyone()
+
+
+def _save_lora_adapters(state: dict, config, directory: Path) -> None:
+    """PEFT's adapter files, written beside ``directory`` and renamed into place."""
+    tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    lora.save_adapters(state, config, tmp)
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
 
 
 def write_model(model, directory: str | os.PathLike, state: dict[str, torch.Tensor] | None = None,

@@ -16,9 +16,10 @@ A method is a small class (DESIGN.md, "Methods"):
 - ``loss(batch) -> (loss, logs)``: ``batch = {"forget": part, "retain": part}`` (collated
   by :class:`unlearn_ext.data.QACollator`); ``logs`` are floats-to-be (0-dim tensors).
 
-The student is ``models.student`` (the trainer swaps in its distributed wrapper after
-``prepare``); ``models.reference`` is a frozen copy of the starting model when the method
-asks for one (``needs_reference()``).
+The student is ``models.student``, the bare model (the trainer calls ``loss`` inside the
+forward of its DDP/FSDP wrapper); ``models.reference`` is a frozen copy of the starting
+model when the method asks for one (``needs_reference()``), or with LoRA the student with
+its adapters disabled.
 """
 from __future__ import annotations
 

@@ -10,20 +10,22 @@ Two heads implement the same methods:
 - :class:`FusedLinearHead` runs the model up to its last hidden state and passes
   (hidden states, LM-head weight, bias) to ``unlearn_ext.fused_linear_<op>``, so the
   ``[N, V]`` logits are never held (DESIGN.md, "Fused-linear variants"). It is the default
-  in single-process runs (:func:`make_head`).
+  (:func:`make_head`), under DDP and FSDP too: the trainer runs ``method.loss`` inside the
+  forward of the module it wraps (:class:`unlearn_ext.distributed.LossForward`), so a head
+  always runs the bare model, from inside that forward.
 
 Causal-LM shifting happens here, once: outputs hold positions ``[:, :-1]`` of the model
 (views, no copy) and ``labels[:, 1:]``, so position t predicts label t.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
 from .. import fused_linear as fl
 from .. import ops
+from ..fused_linear._plan import check_chunk_size
 from ..models.lm_head import lm_head_inputs
 from ..reference import IGNORE_INDEX
 
@@ -127,14 +129,17 @@ class FusedLinearHead(LogitsHead):
     and the labels are shifted with ``shift_labels`` (last position ignored), so nothing
     the size of the hidden states is copied. Teachers go to the losses as ``LMHeadInputs``.
 
-    Single process only for now: ``lm_head_inputs`` runs the unwrapped base model, which
-    would bypass DDP's gradient synchronisation (and FSDP's unsharding of the head), so the
-    trainer refuses this head in multi-process runs. Wiring it: run ``lm_head_inputs``
-    inside the wrapped module's forward (a small module around the student whose forward
-    returns the ``LMHeadInputs``, wrapped by accelerate instead of the bare model).
+    ``lm_head_inputs`` runs the bare base model and reads the head's weight: under DDP or
+    FSDP that is only right inside the wrapped forward, where the trainer calls
+    ``method.loss`` (:mod:`unlearn_ext.distributed`). ``chunk_size``: rows per chunk of
+    the fused losses (default: from V, H and the device).
     """
 
     name = "fused"
+
+    def __init__(self, backend: str | None = None, chunk_size: int | None = None):
+        super().__init__(backend)
+        self.chunk_size = check_chunk_size(chunk_size)
 
     def run(self, model, part: dict, *, hidden: bool = True) -> Outputs:
         return self.outputs_from_lm_head(part, lm_head_inputs(model, part["input_ids"], part["attention_mask"]))
@@ -148,7 +153,7 @@ class FusedLinearHead(LogitsHead):
         return fl.LMHeadInputs(out.hidden, out.weight, out.bias, out.softcap)
 
     def _kw(self, out: Outputs) -> dict:
-        return {"bias": out.bias, "softcap": out.softcap, "backend": self.backend}
+        return {"bias": out.bias, "softcap": out.softcap, "backend": self.backend, "chunk_size": self.chunk_size}
 
     def cross_entropy(self, out):
         return fl.fused_linear_cross_entropy(out.hidden, out.weight, out.labels, **self._kw(out))
@@ -221,8 +226,6 @@ def open_unlearning_undial_labels(labels: torch.Tensor, vocab_size: int) -> torc
 
 
 def make_head(fused: bool | None = None, backend: str | None = None) -> LogitsHead:
-    """``fused=None``: the fused-linear path in single-process runs (see FusedLinearHead's
-    note), else logits; True forces it; False: logits."""
-    if fused is None:
-        fused = int(os.environ.get("WORLD_SIZE", "1")) == 1
-    return FusedLinearHead(backend) if fused else LogitsHead(backend)
+    """The fused-linear head unless ``fused`` is False (materialised logits); single- and
+    multi-process runs alike."""
+    return LogitsHead(backend) if fused is False else FusedLinearHead(backend)
