@@ -8,6 +8,25 @@ import unlearn_ext as ue
 pytestmark = pytest.mark.skipif(not ue.backends()["cpu"].available, reason="needs the C++ CPU extension")
 
 
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    """Overrides conftest's poisoning: compile must work in the configuration users run
+    (poisoned buffers skip the huge-page advice, which once broke tracing)."""
+    monkeypatch.delenv("UNLEARN_EXT_POISON", raising=False)
+
+
+def test_issue_repro_compiles_with_the_default_backend(seed):
+    torch._dynamo.reset()
+    head = torch.nn.Linear(16, 97)
+    f = torch.compile(lambda h, y: ue.cross_entropy(head(h), y), fullgraph=True, backend="aot_eager")
+    hidden, labels = torch.randn(2, 6, 16), torch.randint(0, 97, (2, 6))
+    loss = f(hidden, labels)
+    (grad,) = torch.autograd.grad(loss, head.weight)
+    eager = ue.cross_entropy(head(hidden), labels)
+    torch.testing.assert_close(loss, eager)
+    torch.testing.assert_close(grad, torch.autograd.grad(eager, head.weight)[0])
+
+
 def step(head, hidden, labels, teacher, original, augmented):
     logits = head(hidden)
     shifted, targets = logits[:, :-1], labels[:, 1:]

@@ -77,8 +77,10 @@ class RowLossFunction(torch.autograd.Function):
         # the backward, whether the upstream gradient is 1 on the host: free for CPU tensors,
         # a synchronisation for GPU ones. GPUs take the backward kernel instead: no sync, so
         # eager, CUDA graphs and torch.compile all behave alike.
+        # In place, the gradient is written in the backward, once every forward that reads
+        # the logits has run; the fused path would overwrite them under later readers' feet.
         ctx.fused = (reduction != "none" and kernels.fuses_grad and logits.device.type == "cpu"
-                     and ctx.needs_input_grad[0] and not tracing())
+                     and ctx.needs_input_grad[0] and not inplace and not tracing())
         ctx.scaled = False
         if ctx.fused:
             grad = logits if inplace else new_grad_buffer(logits)
@@ -121,6 +123,10 @@ class RowLossFunction(torch.autograd.Function):
             grad_rows = (g / count.clamp(min=1)).expand(rows).contiguous()
         grad = logits if ctx.inplace else new_grad_buffer(logits)
         _kernels(ctx.backend).backward(ctx.op, logits, teacher, teacher2, labels, stats, grad_rows, ctx.params, grad)
+        if ctx.inplace:
+            # The kernel wrote through a raw pointer: tell autograd, so that every other
+            # node that saved these logits raises instead of reading a gradient.
+            torch.autograd.graph.increment_version(logits)
         return (grad,) + nones
 
 
