@@ -56,7 +56,9 @@ CACHE = os.path.join(ROOT, "build", "sass-budget")
 SMS, SCHEDULERS, WARP, CLOCK_HZ, COPY_BYTES_PER_S = 132, 4, 32, 1.98e9, 4.3e12
 INSTR_PER_BYTE = SMS * SCHEDULERS * WARP * CLOCK_HZ / COPY_BYTES_PER_S
 
-OPS = ["token_logprob", "cross_entropy", "forward_kl", "reverse_kl", "rkld", "undial"]  # row_math.h's Op order
+# row_math.h's Op order; jsd (7th) has no hot loop of its own (every tile takes the general
+# code, as a softcap, label smoothing or z-loss do): not budgeted.
+OPS = ["token_logprob", "cross_entropy", "forward_kl", "reverse_kl", "rkld", "undial"]
 INPUTS = {"token_logprob": 1, "cross_entropy": 1, "forward_kl": 2, "reverse_kl": 2, "rkld": 3, "undial": 2}
 PATHS = {0: ("float32", 4), 1: ("bfloat16", 2), 2: ("float16", 2), 3: ("scalar", None)}  # row_thread.h's Path
 KERNEL = re.compile(r"row_(forward|backward)_kernelILNS_2OpE(\d)E([fd])LNS0_4PathE(\d)E")
@@ -176,8 +178,8 @@ def analyse(cubin_path: str, nvdisasm: str) -> list[Loop]:
     loops = []
     for name, lines in functions(sass):
         m = KERNEL.search(name)
-        if not m or m.group(3) != "f" or PATHS[int(m.group(4))][1] is None:
-            continue  # float64 / scalar variants: not budgeted
+        if not m or m.group(3) != "f" or PATHS[int(m.group(4))][1] is None or int(m.group(2)) >= len(OPS):
+            continue  # float64 / scalar variants, JSD: not budgeted
         kernel, op, dtype = m.group(1), OPS[int(m.group(2))], PATHS[int(m.group(4))][0]
         loops += hot_loops(kernel, op, dtype, lines)
     return loops

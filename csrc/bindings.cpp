@@ -51,9 +51,9 @@ struct Cpu {
 }  // namespace
 
 TORCH_LIBRARY(unlearn_ext, m) {
-  m.def("row_loss_forward(str op, Tensor logits, Tensor? teacher, Tensor? teacher2, Tensor? labels, int ignore_index, float inv_temperature, float alpha, float gamma) -> (Tensor, Tensor)");
-  m.def("row_loss_forward_with_grad(str op, Tensor logits, Tensor? teacher, Tensor? teacher2, Tensor? labels, int ignore_index, float inv_temperature, float alpha, float gamma, Tensor(a!) grad, float grad_scale) -> (Tensor, Tensor)");
-  m.def("row_loss_backward(str op, Tensor logits, Tensor? teacher, Tensor? teacher2, Tensor? labels, Tensor stats, Tensor grad_rows, int ignore_index, float inv_temperature, float alpha, float gamma, Tensor(a!) grad) -> ()");
+  m.def("row_loss_forward(str op, Tensor logits, Tensor? teacher, Tensor? teacher2, Tensor? labels, int ignore_index, float[] params) -> (Tensor, Tensor)");
+  m.def("row_loss_forward_with_grad(str op, Tensor logits, Tensor? teacher, Tensor? teacher2, Tensor? labels, int ignore_index, float[] params, Tensor(a!) grad, float grad_scale) -> (Tensor, Tensor)");
+  m.def("row_loss_backward(str op, Tensor logits, Tensor? teacher, Tensor? teacher2, Tensor? labels, Tensor stats, Tensor grad_rows, int ignore_index, float[] params, Tensor(a!) grad) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(unlearn_ext, CPU, m) {

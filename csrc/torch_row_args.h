@@ -55,6 +55,17 @@ inline RowView to_row_view(const at::Tensor& t, const char* arg) {
   return v;
 }
 
+// The scalar parameters (RowArgs, set_params), each in its range; NaN fails every check.
+inline void check_params(Op op, c10::ArrayRef<double> p) {
+  TORCH_CHECK_VALUE(p.size() == static_cast<size_t>(kNumParams), "unlearn_ext: params must hold ", kNumParams, " numbers (inv_temperature, alpha, gamma, label_smoothing, lse_square_scale, softcap, beta), got ", p.size());
+  TORCH_CHECK_VALUE(std::isfinite(p[0]) && p[0] > 0, "unlearn_ext: temperature must be positive and finite");
+  TORCH_CHECK_VALUE(std::isfinite(p[1]) && std::isfinite(p[2]), "unlearn_ext: alpha and gamma must be finite, got alpha=", p[1], ", gamma=", p[2]);
+  TORCH_CHECK_VALUE(p[3] >= 0 && p[3] <= 1, "unlearn_ext: label_smoothing must be in [0, 1], got ", p[3]);
+  TORCH_CHECK_VALUE(std::isfinite(p[4]) && p[4] >= 0, "unlearn_ext: lse_square_scale must be finite and >= 0, got ", p[4]);
+  TORCH_CHECK_VALUE(std::isfinite(p[5]) && p[5] >= 0, "unlearn_ext: softcap must be positive and finite (0: none), got ", p[5]);
+  TORCH_CHECK_VALUE(op != Op::kJSD || (p[6] > 0 && p[6] < 1), "unlearn_ext: beta of jsd must be in (0, 1) (0 is forward_kl, 1 reverse_kl), got ", p[6]);
+}
+
 struct RowCall {
   RowArgs args;
   at::Tensor labels;  // kept alive while args points into it
@@ -65,7 +76,7 @@ inline RowCall make_row_call(const std::string& op_name, const at::Tensor& logit
                              const c10::optional<at::Tensor>& teacher,
                              const c10::optional<at::Tensor>& teacher2,
                              const c10::optional<at::Tensor>& labels, int64_t ignore_index,
-                             double inv_temperature, double alpha, double gamma) {
+                             c10::ArrayRef<double> params) {
   RowCall call;
   RowArgs& a = call.args;
   a.op = parse_op(op_name);
@@ -74,11 +85,8 @@ inline RowCall make_row_call(const std::string& op_name, const at::Tensor& logit
   a.rows = a.vocab > 0 ? logits.numel() / a.vocab : 0;
   TORCH_CHECK_VALUE(a.vocab > 0, "unlearn_ext: logits must have a non-empty vocabulary dimension");
   a.ignore_index = ignore_index;
-  a.inv_temperature = inv_temperature;
-  a.alpha = alpha;
-  a.gamma = gamma;
-  TORCH_CHECK_VALUE(std::isfinite(inv_temperature) && inv_temperature > 0, "unlearn_ext: temperature must be positive and finite");
-  TORCH_CHECK_VALUE(std::isfinite(alpha) && std::isfinite(gamma), "unlearn_ext: alpha and gamma must be finite, got alpha=", alpha, ", gamma=", gamma);
+  check_params(a.op, params);
+  set_params(a, params.data());
 
   const int needed = num_teachers(a.op);
   const c10::optional<at::Tensor>* teachers[2] = {&teacher, &teacher2};
@@ -188,23 +196,23 @@ struct RowOps {
                                                     const c10::optional<at::Tensor>& teacher,
                                                     const c10::optional<at::Tensor>& teacher2,
                                                     const c10::optional<at::Tensor>& labels, int64_t ignore_index,
-                                                    double inv_temperature, double alpha, double gamma) {
-    return run_forward(op, logits, teacher, teacher2, labels, ignore_index, inv_temperature, alpha, gamma, nullptr, 1.0);
+                                                    c10::ArrayRef<double> params) {
+    return run_forward(op, logits, teacher, teacher2, labels, ignore_index, params, nullptr, 1.0);
   }
 
   static std::tuple<at::Tensor, at::Tensor> forward_with_grad(
       const std::string& op, const at::Tensor& logits, const c10::optional<at::Tensor>& teacher,
       const c10::optional<at::Tensor>& teacher2, const c10::optional<at::Tensor>& labels, int64_t ignore_index,
-      double inv_temperature, double alpha, double gamma, at::Tensor grad, double grad_scale) {
-    return run_forward(op, logits, teacher, teacher2, labels, ignore_index, inv_temperature, alpha, gamma, &grad, grad_scale);
+      c10::ArrayRef<double> params, at::Tensor grad, double grad_scale) {
+    return run_forward(op, logits, teacher, teacher2, labels, ignore_index, params, &grad, grad_scale);
   }
 
   static void backward(const std::string& op, const at::Tensor& logits, const c10::optional<at::Tensor>& teacher,
                        const c10::optional<at::Tensor>& teacher2, const c10::optional<at::Tensor>& labels,
                        const at::Tensor& stats, const at::Tensor& grad_rows, int64_t ignore_index,
-                       double inv_temperature, double alpha, double gamma, at::Tensor grad) {
+                       c10::ArrayRef<double> params, at::Tensor grad) {
     const typename Backend::Guard guard(logits);
-    RowCall call = make_row_call(op, logits, teacher, teacher2, labels, ignore_index, inv_temperature, alpha, gamma);
+    RowCall call = make_row_call(op, logits, teacher, teacher2, labels, ignore_index, params);
     attach_backward_args(call.args, logits, stats, grad_rows, grad);
     Backend::backward(call.args);
   }
@@ -214,10 +222,10 @@ struct RowOps {
                                                         const c10::optional<at::Tensor>& teacher,
                                                         const c10::optional<at::Tensor>& teacher2,
                                                         const c10::optional<at::Tensor>& labels,
-                                                        int64_t ignore_index, double inv_temperature, double alpha,
-                                                        double gamma, const at::Tensor* grad, double grad_scale) {
+                                                        int64_t ignore_index, c10::ArrayRef<double> params,
+                                                        const at::Tensor* grad, double grad_scale) {
     const typename Backend::Guard guard(logits);
-    RowCall call = make_row_call(op, logits, teacher, teacher2, labels, ignore_index, inv_temperature, alpha, gamma);
+    RowCall call = make_row_call(op, logits, teacher, teacher2, labels, ignore_index, params);
     auto outputs = attach_forward_outputs(call.args, logits, grad, grad_scale);
     Backend::forward(call.args);
     return outputs;

@@ -41,18 +41,16 @@ class TorchOpKernels:
         self.fuses_grad = fuses_grad
 
     def forward(self, op, logits, teacher, teacher2, labels, p):
-        return torch.ops.unlearn_ext.row_loss_forward(
-            op, logits, teacher, teacher2, labels, p.ignore_index, p.inv_temperature, p.alpha, p.gamma)
+        return torch.ops.unlearn_ext.row_loss_forward(op, logits, teacher, teacher2, labels, p.ignore_index,
+                                                      p.scalars())
 
     def forward_with_grad(self, op, logits, teacher, teacher2, labels, p, grad, grad_scale):
         return torch.ops.unlearn_ext.row_loss_forward_with_grad(
-            op, logits, teacher, teacher2, labels, p.ignore_index, p.inv_temperature, p.alpha, p.gamma,
-            grad, grad_scale)
+            op, logits, teacher, teacher2, labels, p.ignore_index, p.scalars(), grad, grad_scale)
 
     def backward(self, op, logits, teacher, teacher2, labels, stats, grad_rows, p, grad):
         torch.ops.unlearn_ext.row_loss_backward(
-            op, logits, teacher, teacher2, labels, stats, grad_rows, p.ignore_index, p.inv_temperature,
-            p.alpha, p.gamma, grad)
+            op, logits, teacher, teacher2, labels, stats, grad_rows, p.ignore_index, p.scalars(), grad)
 
 
 def _try_import(module: str):

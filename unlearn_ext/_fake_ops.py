@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-NUM_STATS = 4  # per-row float statistics every row op saves (csrc/common/row_math.h, kNumStats)
+NUM_STATS = 5  # per-row float statistics every row op saves (csrc/common/row_math.h, kNumStats)
 _registered = False
 
 
@@ -31,19 +31,17 @@ def register_fakes() -> None:
     _registered = True
 
     @torch.library.register_fake("unlearn_ext::row_loss_forward")
-    def _forward(op, logits, teacher, teacher2, labels, ignore_index, inv_temperature, alpha, gamma):
+    def _forward(op, logits, teacher, teacher2, labels, ignore_index, params):
         _check_devices(logits, teacher=teacher, teacher2=teacher2, labels=labels)
         return _outputs(op, logits)
 
     @torch.library.register_fake("unlearn_ext::row_loss_forward_with_grad")
-    def _forward_with_grad(op, logits, teacher, teacher2, labels, ignore_index, inv_temperature, alpha, gamma,
-                           grad, grad_scale):
+    def _forward_with_grad(op, logits, teacher, teacher2, labels, ignore_index, params, grad, grad_scale):
         _check_devices(logits, teacher=teacher, teacher2=teacher2, labels=labels, grad=grad)
         return _outputs(op, logits)
 
     @torch.library.register_fake("unlearn_ext::row_loss_backward")
-    def _backward(op, logits, teacher, teacher2, labels, stats, grad_rows, ignore_index, inv_temperature, alpha,
-                  gamma, grad):
+    def _backward(op, logits, teacher, teacher2, labels, stats, grad_rows, ignore_index, params, grad):
         _check_devices(logits, teacher=teacher, teacher2=teacher2, labels=labels, stats=stats, grad_rows=grad_rows,
                        grad=grad)
         return None

@@ -27,8 +27,13 @@ def _row_mask(logits: torch.Tensor, labels: torch.Tensor | None, ignore_index: i
     return labels != ignore_index
 
 
-def _log_softmax(x: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
-    return F.log_softmax(x.to(dtype) / temperature, dim=-1)
+def softcap_logits(x: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Gemma-2's logit soft-capping c·tanh(x / c); None or 0: x unchanged."""
+    return x if not softcap else softcap * torch.tanh(x / softcap)
+
+
+def _log_softmax(x: torch.Tensor, temperature: float, dtype: torch.dtype, softcap: float | None = None) -> torch.Tensor:
+    return F.log_softmax(softcap_logits(x.to(dtype), softcap) / temperature, dim=-1)
 
 
 def _masked_sum(weight: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -39,35 +44,52 @@ def _masked_sum(weight: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return torch.where(used, weight * safe_value, torch.zeros_like(weight)).sum(-1)
 
 
-def token_logprob(logits, labels, *, ignore_index=IGNORE_INDEX, temperature=1.0, compute_dtype=None):
-    """log softmax(logits / τ)[label] per row."""
+def token_logprob(logits, labels, *, ignore_index=IGNORE_INDEX, temperature=1.0, softcap=None, compute_dtype=None):
+    """log softmax(logits / τ)[label] per row (logits softcapped first when softcap is given)."""
     mask = _row_mask(logits, labels, ignore_index)
-    logp = _log_softmax(logits, temperature, _cdtype(logits, compute_dtype))
+    logp = _log_softmax(logits, temperature, _cdtype(logits, compute_dtype), softcap)
     picked = logp.gather(-1, torch.where(mask, labels, 0).unsqueeze(-1)).squeeze(-1)
     return torch.where(mask, picked, torch.zeros_like(picked))
 
 
-def cross_entropy(logits, labels, *, ignore_index=IGNORE_INDEX, temperature=1.0, compute_dtype=None):
-    """-log softmax(logits / τ)[label] per row."""
-    return -token_logprob(logits, labels, ignore_index=ignore_index, temperature=temperature,
-                          compute_dtype=compute_dtype)
+def cross_entropy(logits, labels, *, ignore_index=IGNORE_INDEX, temperature=1.0, label_smoothing=0.0,
+                  lse_square_scale=0.0, softcap=None, compute_dtype=None):
+    """-log softmax(logits / τ)[label] per row; with label smoothing ε (PyTorch's),
+    (1 − ε)·CE + ε·mean_v(−log p_v); with z-loss, + lse_square_scale·lse² (Liger's)."""
+    mask = _row_mask(logits, labels, ignore_index)
+    logp = _log_softmax(logits, temperature, _cdtype(logits, compute_dtype), softcap)
+    ce = -logp.gather(-1, torch.where(mask, labels, 0).unsqueeze(-1)).squeeze(-1)
+    if label_smoothing:
+        ce = (1 - label_smoothing) * ce - label_smoothing * logp.mean(-1)
+    if lse_square_scale:
+        ce = ce + z_loss(logits, labels, lse_square_scale=lse_square_scale, ignore_index=ignore_index,
+                         temperature=temperature, softcap=softcap, compute_dtype=compute_dtype)
+    return torch.where(mask, ce, torch.zeros_like(ce))
+
+
+def z_loss(logits, labels, *, lse_square_scale, ignore_index=IGNORE_INDEX, temperature=1.0, softcap=None,
+           compute_dtype=None):
+    """The z-loss per row, lse_square_scale·logsumexp(logits / τ)² (0 on ignored rows)."""
+    x = softcap_logits(logits.to(_cdtype(logits, compute_dtype)), softcap) / temperature
+    z = lse_square_scale * torch.logsumexp(x, -1) ** 2
+    return torch.where(_row_mask(logits, labels, ignore_index), z, torch.zeros_like(z))
 
 
 def forward_kl(logits, teacher_logits, labels=None, *, ignore_index=IGNORE_INDEX, temperature=1.0,
-               compute_dtype=None):
+               softcap=None, compute_dtype=None):
     """KL(q || p) per row, q = softmax(teacher / τ), p = softmax(logits / τ)."""
     dtype = _cdtype(logits, compute_dtype)
-    logp = _log_softmax(logits, temperature, dtype)
+    logp = _log_softmax(logits, temperature, dtype, softcap)
     logq = _log_softmax(teacher_logits.detach(), temperature, dtype)
     kl = _masked_sum(logq.exp(), logq - logp)
     return torch.where(_row_mask(logits, labels, ignore_index), kl, torch.zeros_like(kl))
 
 
 def reverse_kl(logits, teacher_logits, labels=None, *, ignore_index=IGNORE_INDEX, temperature=1.0,
-               compute_dtype=None):
+               softcap=None, compute_dtype=None):
     """KL(p || q) per row."""
     dtype = _cdtype(logits, compute_dtype)
-    logp = _log_softmax(logits, temperature, dtype)
+    logp = _log_softmax(logits, temperature, dtype, softcap)
     logq = _log_softmax(teacher_logits.detach(), temperature, dtype)
     p = logp.exp()
     used = p != 0
@@ -84,24 +106,63 @@ def rkld_teacher(original_logits, augmented_logits, alpha):
 
 
 def rkld(logits, original_logits, augmented_logits, labels=None, *, alpha=8.0, ignore_index=IGNORE_INDEX,
-         temperature=1.0, compute_dtype=None):
+         temperature=1.0, softcap=None, compute_dtype=None):
     """Reverse KL to the RKLD teacher built from original and augmented logits."""
     dtype = _cdtype(logits, compute_dtype)
     teacher = rkld_teacher(original_logits.to(dtype), augmented_logits.to(dtype), alpha)
-    return reverse_kl(logits, teacher, labels, ignore_index=ignore_index, temperature=temperature,
+    return reverse_kl(logits, teacher, labels, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
                       compute_dtype=compute_dtype)
 
 
 def undial(logits, teacher_logits, labels, *, gamma=10.0, ignore_index=IGNORE_INDEX, temperature=1.0,
-           compute_dtype=None):
+           softcap=None, compute_dtype=None):
     """Soft-label cross entropy to softmax((teacher − γ·onehot(label)) / τ)."""
     dtype = _cdtype(logits, compute_dtype)
     mask = _row_mask(logits, labels, ignore_index)
     onehot = F.one_hot(torch.where(mask, labels, 0), logits.shape[-1]).to(dtype)
     logq = _log_softmax(teacher_logits.detach().to(dtype) - gamma * onehot, temperature, dtype)
-    logp = _log_softmax(logits, temperature, dtype)
+    logp = _log_softmax(logits, temperature, dtype, softcap)
     ce = _masked_sum(logq.exp(), -logp)
     return torch.where(mask, ce, torch.zeros_like(ce))
+
+
+def _log_mix(x, g, gc):
+    """log((1 − g) + g·eˣ) for 0 < g < 1 (gc = 1 − g), accurate relative to its own size
+    (csrc/common/row_math.h, log_mix, by the same branches); every branch's input is kept
+    in its domain so that autograd sees no inf or NaN from the branches not taken."""
+    big, small = x > 80, x < -80
+    mid = x.clamp(-80, 80)
+    y = g * torch.expm1(mid)
+    near = y >= -0.5
+    out_big = x.clamp(min=80) + torch.log(g + gc * torch.exp(-x.clamp(min=80)))
+    out_small = torch.log(gc + g * torch.exp(x.clamp(max=-80)))
+    out_near = torch.log1p(torch.where(near, y, torch.zeros_like(y)))
+    out_far = mid + torch.log1p(gc * torch.expm1(-mid))
+    return torch.where(big, out_big, torch.where(near, out_near, torch.where(small, out_small, out_far)))
+
+
+def jsd(logits, teacher_logits, labels=None, *, beta=0.5, ignore_index=IGNORE_INDEX, temperature=1.0, softcap=None,
+        compute_dtype=None):
+    """The generalised JSD scaled to be continuous in β: with m = β·q + (1 − β)·p,
+    [β·KL(q‖m) + (1 − β)·KL(p‖m)] / (β(1 − β)); β = 0 is forward_kl, β = 1 reverse_kl
+    (their limits). Per element q·log(q/m)/(1 − β) + p·log(p/m)/β, the logs by _log_mix."""
+    if beta == 0:
+        return forward_kl(logits, teacher_logits, labels, ignore_index=ignore_index, temperature=temperature,
+                          softcap=softcap, compute_dtype=compute_dtype)
+    if beta == 1:
+        return reverse_kl(logits, teacher_logits, labels, ignore_index=ignore_index, temperature=temperature,
+                          softcap=softcap, compute_dtype=compute_dtype)
+    dtype = _cdtype(logits, compute_dtype)
+    logp = _log_softmax(logits, temperature, dtype, softcap)
+    logq = _log_softmax(teacher_logits.detach(), temperature, dtype)
+    p, q = logp.exp(), logq.exp()
+    both_zero = (p == 0) & (q == 0)
+    d = torch.where(both_zero, torch.zeros_like(logp), logq - logp)  # log q − log p
+    zero = torch.zeros_like(d)
+    pb = torch.where(p == 0, zero, -p * _log_mix(d, beta, 1 - beta) / beta)
+    vq = torch.where(q == 0, zero, -q * _log_mix(-d, 1 - beta, beta) / (1 - beta))
+    value = (vq + pb).sum(-1)
+    return torch.where(_row_mask(logits, labels, ignore_index), value, torch.zeros_like(value))
 
 
 ROW_OPS = {
@@ -111,6 +172,7 @@ ROW_OPS = {
     "reverse_kl": reverse_kl,
     "rkld": rkld,
     "undial": undial,
+    "jsd": jsd,
 }
 
 

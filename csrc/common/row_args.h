@@ -38,9 +38,14 @@ struct RowArgs {
   RowView student, teacher, teacher2;  // teachers unused by ops that have none
   const int64_t* labels = nullptr;     // [rows] or null (no label: no row is ignored)
   int64_t ignore_index = -100;
+  // The scalar parameters, in the order of the schemas' `float[] params` (set_params).
   double inv_temperature = 1.0;
-  double alpha = 0.0;  // RKLD
-  double gamma = 0.0;  // UnDIAL
+  double alpha = 0.0;             // RKLD
+  double gamma = 0.0;             // UnDIAL
+  double label_smoothing = 0.0;   // cross_entropy, in [0, 1]
+  double lse_square_scale = 0.0;  // cross_entropy's z-loss weight, >= 0
+  double softcap = 0.0;           // student logits c tanh(z / c) when > 0
+  double beta = 0.5;              // JSD, in (0, 1)
 
   // Outputs and per-row buffers, in the compute type (float64 inputs: double; else float).
   void* values = nullptr;           // [rows]
@@ -50,6 +55,35 @@ struct RowArgs {
   bool write_grad = false;          // forward: also write the gradient (fused path)
   double grad_scale = 1.0;          // fused path: upstream gradient of every row
 };
+
+// The schemas' `float[] params` (unlearn_ext/ops/_row_loss.py, RowParams.scalars): one
+// list, so that a new parameter changes this function and RowParams, not every signature.
+constexpr int kNumParams = 7;
+inline void set_params(RowArgs& a, const double* p) {
+  a.inv_temperature = p[0];
+  a.alpha = p[1];
+  a.gamma = p[2];
+  a.label_smoothing = p[3];
+  a.lse_square_scale = p[4];
+  a.softcap = p[5];
+  a.beta = p[6];
+}
+
+template <typename T>
+UE_HD RowConsts<T> consts_of(const RowArgs& a) {
+  RowConsts<T> c;
+  c.inv_temperature = static_cast<T>(a.inv_temperature);
+  c.alpha = static_cast<T>(a.alpha);
+  c.gamma = static_cast<T>(a.gamma);
+  c.softcap = static_cast<T>(a.softcap);
+  c.inv_softcap = a.softcap > 0 ? static_cast<T>(1.0 / a.softcap) : T(0);
+  c.smoothing = static_cast<T>(a.label_smoothing);
+  c.smoothing_per_elem = static_cast<T>(a.label_smoothing / static_cast<double>(a.vocab > 0 ? a.vocab : 1));
+  c.z_scale = static_cast<T>(a.lse_square_scale);
+  c.beta = static_cast<T>(a.beta);
+  c.one_minus_beta = static_cast<T>(1.0 - a.beta);
+  return c;
+}
 
 // True when row r is skipped: loss 0, gradient exactly 0.
 UE_HD bool row_ignored(const RowArgs& a, int64_t r) {

@@ -75,6 +75,21 @@ struct Expm1Fn {
   template <typename T>
   T operator()(T x) const { return std::expm1(x); }
 };
+struct TanhFn {
+  template <typename T>
+  T operator()(T x) const { return std::tanh(x); }
+};
+// The per-element functions row_math.h's gradients and JSD terms take.
+struct ElemMath {
+  template <typename T>
+  T exp(T x) const { return exp_fast(x); }
+  template <typename T>
+  T log(T x) const { return std::log(x); }
+  template <typename T>
+  T log1p(T x) const { return std::log1p(x); }
+  template <typename T>
+  T expm1(T x) const { return std::expm1(x); }
+};
 
 // dst[i] = scale * src[i] in the compute type T.
 template <typename T>
@@ -152,34 +167,41 @@ void zero_row(const RowView& v, int64_t offset, int64_t n) {
 }
 
 // Per-thread scratch: the block of student logits, the teacher's (and RKLD's second
-// teacher input), and the gradient block.
+// teacher input), the gradient block, and the softcap's derivative.
 template <typename T>
 struct Scratch {
   alignas(64) T s[kBlock];
   alignas(64) T t[kBlock];
   alignas(64) T t2[kBlock];
   alignas(64) T out[kBlock];
+  alignas(64) T dcap[kBlock];
 };
 
-// Loads block [b0, b0 + n) of row r: student scaled by 1/temperature; teacher built from
-// its raw inputs (RKLD, UnDIAL at the label) and then scaled.
+// Loads block [b0, b0 + n) of row r: student softcapped (if asked) and scaled by
+// 1/temperature, the softcap's derivative in w.dcap; teacher built from its raw inputs
+// (RKLD, UnDIAL at the label) and then scaled.
 template <Op op, typename T>
-void load_block(const RowArgs& a, int64_t r, int64_t y, int64_t b0, int64_t n, Scratch<T>& w) {
-  const T inv_t = static_cast<T>(a.inv_temperature);
-  load<T>(w.s, a.student, row_offset(a.student, r) + b0, n, inv_t);
+void load_block(const RowArgs& a, const RowConsts<T>& c, int64_t r, int64_t y, int64_t b0, int64_t n,
+                Scratch<T>& w) {
+  const T inv_t = c.inv_temperature;
+  if (c.softcap == T(0)) {
+    load<T>(w.s, a.student, row_offset(a.student, r) + b0, n, inv_t);
+  } else {
+    load<T>(w.s, a.student, row_offset(a.student, r) + b0, n, T(1));
+    for (int64_t i = 0; i < n; ++i) w.s[i] = student_logit(w.s[i], c, w.dcap[i], TanhFn{});
+  }
   if constexpr (num_teachers(op) >= 1) {
     load<T>(w.t, a.teacher, row_offset(a.teacher, r) + b0, n, T(1));
     if constexpr (op == Op::kRKLD) {
       load<T>(w.t2, a.teacher2, row_offset(a.teacher2, r) + b0, n, T(1));
-      const T alpha = static_cast<T>(a.alpha);
+      const T alpha = c.alpha;
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i)
         w.t[i] = teacher_logit<op, T>(w.t[i], w.t2[i], false, alpha, T(0));
     }
     if constexpr (op == Op::kUnDIAL) {
       if (y >= b0 && y < b0 + n)
-        w.t[y - b0] = teacher_logit<op, T>(w.t[y - b0], T(0), true, T(0),
-                                           static_cast<T>(a.gamma));
+        w.t[y - b0] = teacher_logit<op, T>(w.t[y - b0], T(0), true, T(0), c.gamma);
     }
     if (inv_t != T(1)) {
 #pragma omp simd
@@ -202,9 +224,14 @@ template <Op op, typename T>
 UE_INLINE RowState<T> block_state(Scratch<T>& w, int64_t n, int64_t label_pos) {
   RowState<T> b = empty_state<T>();
   b.ms = block_max(w.s, n);
-  if (label_pos >= 0) w.s[label_pos] = neg_inf<T>();
   const T ms0 = safe_max(b.ms);
   T ss = 0, st = 0, acc = 0;
+  if constexpr (op == Op::kCrossEntropy) {  // label smoothing's sum of every logit; st counts them
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < n; ++i) acc += acc_term<op, T>(w.s[i], T(0), T(0), T(0), ms0, T(0));
+    st = static_cast<T>(n);
+  }
+  if (label_pos >= 0) w.s[label_pos] = neg_inf<T>();
   if constexpr (num_teachers(op) == 0) {
 #pragma omp simd reduction(+ : ss)
     for (int64_t i = 0; i < n; ++i) ss += exp_fast(w.s[i] - ms0);
@@ -226,30 +253,57 @@ UE_INLINE RowState<T> block_state(Scratch<T>& w, int64_t n, int64_t label_pos) {
   return b;
 }
 
-// Writes the gradient of row r, g times d(loss)/d(scaled logits) (g includes 1/temperature).
+// Writes the gradient of row r, g times d(loss)/d(scaled logits) (g includes 1/temperature),
+// times the softcap's derivative when there is one.
 template <Op op, typename T>
-void grad_row(const RowArgs& a, int64_t r, int64_t y, T g, const T* row_stats, Scratch<T>& w) {
+void grad_row(const RowArgs& a, const RowConsts<T>& c, int64_t r, int64_t y, T g, const T* row_stats,
+              Scratch<T>& w) {
   // A local copy: the compiler cannot prove that stores to w.out leave row_stats alone, and
   // reloading them inside the loop stops it from vectorising.
   T stats[kNumStats];
   for (int k = 0; k < kNumStats; ++k) stats[k] = row_stats[k];
+  const RowConsts<T> cl = c;
   const int64_t out_offset = row_offset(a.grad, r);
   for (int64_t b0 = 0; b0 < a.vocab; b0 += kBlock) {
     const int64_t n = a.vocab - b0 < kBlock ? a.vocab - b0 : kBlock;
-    load_block<op, T>(a, r, y, b0, n, w);
+    load_block<op, T>(a, cl, r, y, b0, n, w);
     const T* t = num_teachers(op) >= 1 ? w.t : w.s;  // token ops have no teacher
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) w.out[i] = grad_elem<op, T>(w.s[i], t[i], stats, g, ExpFn{});
+    for (int64_t i = 0; i < n; ++i) w.out[i] = grad_elem<op, T>(w.s[i], t[i], stats, g, cl, ElemMath{});
     if constexpr (reads_label_logit(op)) {
-      if (y >= b0 && y < b0 + n) w.out[y - b0] = grad_at_label<op, T>(stats, g, Expm1Fn{});
+      if (y >= b0 && y < b0 + n) w.out[y - b0] = grad_at_label<op, T>(stats, g, cl, ElemMath{});
+    }
+    if (cl.softcap != T(0)) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) w.out[i] *= w.dcap[i];
     }
     store<T>(a.grad, out_offset + b0, w.out, n);
   }
 }
 
+// JSD's second pass over a row: its loss and E_p[b] (row_math.h, jsd_terms), now that
+// pass 1 has both log-sums. Blocks in reverse: the last ones read are still in cache.
+template <Op op, typename T>
+T jsd_pass(const RowArgs& a, const RowConsts<T>& c, int64_t r, T* stats, Scratch<T>& w) {
+  T value = 0, pb = 0;
+  const int64_t last = (a.vocab - 1) / kBlock * kBlock;
+  for (int64_t b0 = last; b0 >= 0; b0 -= kBlock) {
+    const int64_t n = a.vocab - b0 < kBlock ? a.vocab - b0 : kBlock;
+    load_block<op, T>(a, c, r, -1, b0, n, w);
+    for (int64_t i = 0; i < n; ++i) {
+      T v, q;
+      jsd_terms(w.s[i], w.t[i], stats, c, ElemMath{}, v, q);
+      value += v;
+      pb += q;
+    }
+  }
+  return jsd_finish(value, pb, stats);
+}
+
 template <Op op, typename T>
 void forward_rows(const RowArgs& a, int64_t begin, int64_t end) {
   constexpr int ns = kNumStats;
+  const RowConsts<T> c = consts_of<T>(a);
   T* values = static_cast<T*>(a.values);
   T* stats_all = static_cast<T*>(a.stats);
   Scratch<T> w;
@@ -265,22 +319,23 @@ void forward_rows(const RowArgs& a, int64_t begin, int64_t end) {
     RowState<T> state = empty_state<T>();
     for (int64_t b0 = 0; b0 < a.vocab; b0 += kBlock) {
       const int64_t n = a.vocab - b0 < kBlock ? a.vocab - b0 : kBlock;
-      load_block<op, T>(a, r, y, b0, n, w);
+      load_block<op, T>(a, c, r, y, b0, n, w);
       const int64_t label_pos = reads_label_logit(op) && y >= b0 && y < b0 + n ? y - b0 : -1;
       state = merge<op, T>(state, block_state<op, T>(w, n, label_pos), ExpFn{});
     }
     T s_label = T(0);
     if constexpr (reads_label_logit(op)) {
-      if (y >= 0)
-        s_label = load_one<T>(a.student, row_offset(a.student, r) + y) * static_cast<T>(a.inv_temperature);
+      T unused;
+      if (y >= 0) s_label = student_logit(load_one<T>(a.student, row_offset(a.student, r) + y), c, unused, TanhFn{});
     }
-    T value = finalize<op, T>(state, s_label, stats, ExpFn{}, LogFn{}, Log1pFn{});
+    T value = finalize<op, T>(state, s_label, stats, c, ExpFn{}, LogFn{}, Log1pFn{});
+    if constexpr (op == Op::kJSD) value = jsd_pass<op, T>(a, c, r, stats, w);
     const bool bad_label = needs_label(op) && y < 0;
     if (bad_label) value = NAN;
     values[r] = value;
     if (a.write_grad) {
       const T g = bad_label ? T(NAN) : static_cast<T>(a.grad_scale * a.inv_temperature);
-      grad_row<op, T>(a, r, y, g, stats, w);
+      grad_row<op, T>(a, c, r, y, g, stats, w);
     }
   }
 }
@@ -288,6 +343,7 @@ void forward_rows(const RowArgs& a, int64_t begin, int64_t end) {
 template <Op op, typename T>
 void backward_rows(const RowArgs& a, int64_t begin, int64_t end) {
   constexpr int ns = kNumStats;
+  const RowConsts<T> c = consts_of<T>(a);
   const T* stats_all = static_cast<const T*>(a.stats);
   const T* grad_rows = static_cast<const T*>(a.grad_rows);
   Scratch<T> w;
@@ -297,8 +353,8 @@ void backward_rows(const RowArgs& a, int64_t begin, int64_t end) {
       continue;
     }
     const int64_t y = row_label(a, r);
-    const T g = (needs_label(op) && y < 0) ? T(NAN) : grad_rows[r] * static_cast<T>(a.inv_temperature);
-    grad_row<op, T>(a, r, y, g, stats_all + r * ns, w);
+    const T g = (needs_label(op) && y < 0) ? T(NAN) : grad_rows[r] * c.inv_temperature;
+    grad_row<op, T>(a, c, r, y, g, stats_all + r * ns, w);
   }
 }
 
@@ -316,6 +372,7 @@ RowRangeFn pick(Op op, bool forward) {
     UE_CASE(Op::kReverseKL)
     UE_CASE(Op::kRKLD)
     UE_CASE(Op::kUnDIAL)
+    UE_CASE(Op::kJSD)
 #undef UE_CASE
   }
   return nullptr;

@@ -87,6 +87,7 @@ void dispatch(Op op, const LaunchConfig& c, F&& f) {
     case Op::kReverseKL: return dispatch_variant<Op::kReverseKL>(c, f);
     case Op::kRKLD: return dispatch_variant<Op::kRKLD>(c, f);
     case Op::kUnDIAL: return dispatch_variant<Op::kUnDIAL>(c, f);
+    case Op::kJSD: return dispatch_variant<Op::kJSD>(c, f);
   }
 }
 

@@ -54,7 +54,7 @@ __device__ __forceinline__ void block_max(T& ms, T& mt, T (&smem)[5][32]) {
 // state, summed in the same order, so that all of them compute identical statistics.
 template <Op op, typename T>
 __device__ __forceinline__ RowState<T> block_sum(const RowState<T>& st, T (&smem)[5][32]) {
-  constexpr bool kTeacher = num_teachers(op) >= 1;
+  constexpr bool kTeacher = num_teachers(op) >= 1 || op == Op::kCrossEntropy;  // st, acc in use
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   T sum[3] = {st.ss, st.st, st.acc};
 #pragma unroll
@@ -115,14 +115,22 @@ __global__ void __launch_bounds__(kMaxThreads) row_forward_kernel(const __grid_c
       st = block_merge<op, T>(thread_state<op, T, P>(a, p, q, tid, nthreads, tile), smem);
     }
     T stats[kNumStats];
-    const T value = finish_row<op, T>(p, st, s_label, stats);
+    T value = finish_row<op, T>(p, st, s_label, q, stats);
+    bool tile_cached = true;
+    if constexpr (op == Op::kJSD) {  // the second pass: loss and E_p[b], summed over the block
+      RowState<T> part{T(0), T(0), T(0), T(0), T(0)};
+      thread_jsd<op, T, P>(a, p, q, tid, nthreads, stats, tile, true, part.ss, part.st);
+      part = block_sum<op, T>(part, smem);
+      value = jsd_finish(part.ss, part.st, stats);
+      tile_cached = single_tile<op, P>(p, nthreads);
+    }
     if (tid == 0) {
       values[r] = value;
       for (int k = 0; k < kNumStats; ++k) stats_out[r * kNumStats + k] = stats[k];
     }
     if (a.write_grad) {
       const T g = row_grad_factor<op, T>(p, static_cast<T>(a.grad_scale * a.inv_temperature));
-      thread_grad<op, T, P>(a, p, q, tid, nthreads, g, stats, tile, true);
+      thread_grad<op, T, P>(a, p, q, tid, nthreads, g, stats, tile, tile_cached);
     }
   }
 }

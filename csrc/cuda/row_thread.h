@@ -242,17 +242,31 @@ struct Expm1 {
   UE_HDM float operator()(float x) const { return ::expm1f(x); }
   UE_HDM double operator()(double x) const { return ::expm1(x); }
 };
+struct Tanh {
+  UE_HDM float operator()(float x) const { return ::tanhf(x); }
+  UE_HDM double operator()(double x) const { return ::tanh(x); }
+};
+// The per-element functions row_math.h's gradients and JSD terms take.
+struct ElemMath {
+  template <typename T>
+  UE_HDM T exp(T x) const { return FastExp{}(x); }
+  template <typename T>
+  UE_HDM T log(T x) const { return Log{}(x); }
+  template <typename T>
+  UE_HDM T log1p(T x) const { return Log1p{}(x); }
+  template <typename T>
+  UE_HDM T expm1(T x) const { return Expm1{}(x); }
+};
 
 // ---- one row --------------------------------------------------------------------------
 
+// A launch's scalar parameters in the compute type (row_math.h, RowConsts).
 template <typename T>
-struct Params {
-  T inv_temperature, alpha, gamma;
-};
+using Params = RowConsts<T>;
 
 template <typename T>
 UE_HD Params<T> params_of(const RowArgs& a) {
-  return Params<T>{static_cast<T>(a.inv_temperature), static_cast<T>(a.alpha), static_cast<T>(a.gamma)};
+  return consts_of<T>(a);
 }
 
 // Where row r lies in each tensor and which of its elements go as vectors.
@@ -342,13 +356,14 @@ UE_HD void load_tile(const RowArgs& a, const RowPlan& p, int64_t start, int tid,
 }
 
 // Student and teacher logits of one vector (or element), divided by the temperature;
-// the teacher built from its raw inputs first (RKLD; UnDIAL's gamma at the label).
+// the student softcapped first (dc: the softcap's derivative), the teacher built from its
+// raw inputs first (RKLD; UnDIAL's gamma at the label).
 template <Op op, typename T, Path P>
 UE_HD void unpack(const Tile<op, P>& tile, int u, int64_t j0, int64_t label, const Params<T>& q,
-                  T (&s)[vec_elems(P)], T (&t)[vec_elems(P)]) {
+                  T (&s)[vec_elems(P)], T (&t)[vec_elems(P)], T (&dc)[vec_elems(P)]) {
   UE_UNROLL
   for (int e = 0; e < vec_elems(P); ++e) {
-    s[e] = static_cast<T>(vec_get<P>(tile.v[0][u], e)) * q.inv_temperature;
+    s[e] = student_logit(static_cast<T>(vec_get<P>(tile.v[0][u], e)), q, dc[e], Tanh{});
     if constexpr (num_teachers(op) >= 1) {
       const T t1 = static_cast<T>(vec_get<P>(tile.v[1][u], e));
       T t2 = T(0);
@@ -361,8 +376,9 @@ UE_HD void unpack(const Tile<op, P>& tile, int u, int64_t j0, int64_t label, con
 }
 
 template <Op op, typename T>
-UE_HD void load_one(const RowArgs& a, const RowPlan& p, int64_t j, const Params<T>& q, T (&s)[1], T (&t)[1]) {
-  s[0] = load_elem<T>(a.student, p.off[0] + j) * q.inv_temperature;
+UE_HD void load_one(const RowArgs& a, const RowPlan& p, int64_t j, const Params<T>& q, T (&s)[1], T (&t)[1],
+                    T (&dc)[1]) {
+  s[0] = student_logit(load_elem<T>(a.student, p.off[0] + j), q, dc[0], Tanh{});
   if constexpr (num_teachers(op) >= 1) {
     const T t1 = load_elem<T>(a.teacher, p.off[1] + j);
     const T t2 = num_teachers(op) >= 2 ? load_elem<T>(a.teacher2, p.off[2] + j) : T(0);
@@ -387,6 +403,10 @@ UE_HD void accumulate(RowState<T>& st, const T (&s)[n], const T (&t)[n], int64_t
   UE_UNROLL
   for (int e = 0; e < n; ++e) {
     T es = FastExp{}(s[e] - ms0);
+    if constexpr (op == Op::kCrossEntropy) {  // label smoothing's sum; st counts the elements
+      st.acc += acc_term<op, T>(s[e], T(0), T(0), T(0), ms0, T(0));
+      st.st += T(1);
+    }
     if constexpr (reads_label_logit(op)) es = j0 + e == label ? T(0) : es;
     st.ss += es;
     if constexpr (num_teachers(op) >= 1) {
@@ -397,8 +417,9 @@ UE_HD void accumulate(RowState<T>& st, const T (&s)[n], const T (&t)[n], int64_t
   }
 }
 
-// Calls f(s, t, j0) for each of the thread's vectors in the tile at vector `start`
-// (already in `tile`): its logits divided by the temperature, teacher built, first element j0.
+// Calls f(s, t, dc, j0) for each of the thread's vectors in the tile at vector `start`
+// (already in `tile`): its logits divided by the temperature, teacher built, the softcap's
+// derivative, first element j0.
 template <Op op, typename T, Path P, typename F>
 UE_HD void for_tile(const Tile<op, P>& tile, const RowPlan& p, const Params<T>& q, int64_t start, int tid,
                     int nthreads, F&& f) {
@@ -407,23 +428,23 @@ UE_HD void for_tile(const Tile<op, P>& tile, const RowPlan& p, const Params<T>& 
   for (int u = 0; u < Tile<op, P>::kUnroll; ++u) {
     const int64_t v = start + static_cast<int64_t>(u) * nthreads + tid;
     if (v < p.nvec) {
-      T s[N], t[N];
+      T s[N], t[N], dc[N];
       const int64_t j0 = p.vec_begin + v * N;
-      unpack<op, T, P>(tile, u, j0, p.label, q, s, t);
-      f(s, t, j0);
+      unpack<op, T, P>(tile, u, j0, p.label, q, s, t, dc);
+      f(s, t, dc, j0);
     }
   }
 }
 
-// Calls f(s, t, j) (one-element arrays) for each of the thread's elements outside vectors.
+// Calls f(s, t, dc, j) (one-element arrays) for each of the thread's elements outside vectors.
 template <Op op, typename T, Path P, typename F>
 UE_HD void for_scalars(const RowArgs& a, const RowPlan& p, const Params<T>& q, int tid, int nthreads, F&& f) {
   const int64_t count = scalar_count(p, a.vocab, vec_elems(P));
   for (int64_t i = tid; i < count; i += nthreads) {
     const int64_t j = scalar_index(p, i, vec_elems(P));
-    T s[1], t[1];
-    load_one<op, T>(a, p, j, q, s, t);
-    f(s, t, j);
+    T s[1], t[1], dc[1];
+    load_one<op, T>(a, p, j, q, s, t, dc);
+    f(s, t, dc, j);
   }
 }
 
@@ -436,6 +457,18 @@ UE_HD void for_scalars(const RowArgs& a, const RowPlan& p, const Params<T>& q, i
 // times log2(e). 1/tau is folded into that FFMA (the maxima of the raw values, scaled once
 // per tile: 1/tau > 0 keeps their order), so tau = 1 costs nothing. The state moves to
 // the tile's maxima once per tile, branch-free.
+
+// Whether a launch's full tiles take the hot loops below: the plain losses. A softcap,
+// cross entropy's label smoothing or z-loss, and JSD take the general code for every tile.
+template <Op op>
+UE_HD bool fast_tiles(const Params<float>& q) {
+  return op != Op::kJSD && q.softcap == 0.0f &&
+         (op != Op::kCrossEntropy || (q.smoothing == 0.0f && q.z_scale == 0.0f));
+}
+template <Op op>
+UE_HD bool fast_tiles(const Params<double>&) {
+  return false;
+}
 
 // The tile that holds the label (token ops: left out of ss; UnDIAL: its teacher is
 // shifted there), as its first vector, or -1.
@@ -503,7 +536,7 @@ UE_HD void accumulate_full_tile(RowState<float>& st, const Tile<op, P>& tile, co
           st.acc += et == 0.0f ? 0.0f : et * (dt - ds);
         } else if constexpr (op == Op::kReverseKL || op == Op::kRKLD) {
           st.acc += es == 0.0f ? 0.0f : es * (ds - dt);
-        } else {  // UnDIAL
+        } else if constexpr (op == Op::kUnDIAL) {  // (JSD never comes here: fast_tiles)
           st.acc += et == 0.0f ? 0.0f : et * ds;
         }
       }
@@ -566,7 +599,7 @@ UE_HD void thread_max(const RowArgs& a, const RowPlan& p, const Params<T>& q, in
                       Tile<op, P>& tile, T& ms, T& mt) {
   ms = neg_inf<T>();
   mt = neg_inf<T>();
-  auto add = [&](const auto& s, const auto& t, int64_t) {
+  auto add = [&](const auto& s, const auto& t, const auto&, int64_t) {
     UE_UNROLL
     for (int e = 0; e < static_cast<int>(sizeof(s) / sizeof(s[0])); ++e) {
       ms = s[e] > ms ? s[e] : ms;
@@ -583,7 +616,7 @@ template <Op op, typename T, Path P>
 UE_HD RowState<T> thread_sums(const RowArgs& a, const RowPlan& p, const Params<T>& q, int tid, int nthreads,
                               const Tile<op, P>& tile, T ms, T mt) {
   RowState<T> st{ms, mt, T(0), T(0), T(0)};
-  auto add = [&](const auto& s, const auto& t, int64_t j0) { accumulate<op, T>(st, s, t, j0, p.label); };
+  auto add = [&](const auto& s, const auto& t, const auto&, int64_t j0) { accumulate<op, T>(st, s, t, j0, p.label); };
   for_tile<op, T, P>(tile, p, q, 0, tid, nthreads, add);
   for_scalars<op, T, P>(a, p, q, tid, nthreads, add);
   return st;
@@ -595,7 +628,7 @@ template <Op op, typename T, Path P>
 UE_HD RowState<T> thread_state(const RowArgs& a, const RowPlan& p, const Params<T>& q, int tid, int nthreads,
                                Tile<op, P>& tile) {
   RowState<T> st = empty_state<T>();
-  auto add = [&](const auto& s, const auto& t, int64_t j0) { accumulate<op, T>(st, s, t, j0, p.label); };
+  auto add = [&](const auto& s, const auto& t, const auto&, int64_t j0) { accumulate<op, T>(st, s, t, j0, p.label); };
   if constexpr (P != Path::kScalar) {
     static_assert(std::is_same<T, float>::value, "vector paths compute in float");
     const int64_t step = static_cast<int64_t>(nthreads) * Tile<op, P>::kUnroll;
@@ -610,14 +643,16 @@ UE_HD RowState<T> thread_state(const RowArgs& a, const RowPlan& p, const Params<
       load_tile<op, P, false>(a, p, start, tid, nthreads, tile);
       for_tile<op, T, P>(tile, p, q, start, tid, nthreads, add);
     };
-    if (at_label >= 0 && at_label < full_end) {
+    if (!fast_tiles<op>(q)) {
+      for (int64_t start = 0; start < p.nvec; start += step) general_tile(start);
+    } else if (at_label >= 0 && at_label < full_end) {
       full_tiles(0, at_label);
       general_tile(at_label);
       full_tiles(at_label + step, full_end);
     } else {
       full_tiles(0, full_end);
     }
-    if (full_end < p.nvec) general_tile(full_end);  // the last tile: loaded last, cached for pass 2
+    if (fast_tiles<op>(q) && full_end < p.nvec) general_tile(full_end);  // loaded last: cached for pass 2
   }
   for_scalars<op, T, P>(a, p, q, tid, nthreads, add);
   return st;
@@ -626,8 +661,8 @@ UE_HD RowState<T> thread_state(const RowArgs& a, const RowPlan& p, const Params<
 // Once the block has merged its threads' states: the row's loss and statistics
 // (finalize), NaN for a row whose needed label is invalid.
 template <Op op, typename T>
-UE_HD T finish_row(const RowPlan& p, const RowState<T>& st, T s_label, T (&stats)[kNumStats]) {
-  const T value = finalize<op, T>(st, s_label, stats, Exp{}, Log{}, Log1p{});
+UE_HD T finish_row(const RowPlan& p, const RowState<T>& st, T s_label, const Params<T>& q, T (&stats)[kNumStats]) {
+  const T value = finalize<op, T>(st, s_label, stats, q, Exp{}, Log{}, Log1p{});
   return needs_label(op) && p.label < 0 ? T(NAN) : value;
 }
 
@@ -635,15 +670,56 @@ UE_HD T finish_row(const RowPlan& p, const RowState<T>& st, T s_label, T (&stats
 template <Op op, typename T>
 UE_HD T label_logit(const RowArgs& a, const RowPlan& p, const Params<T>& q) {
   if (!reads_label_logit(op) || p.label < 0) return T(0);
-  return load_elem<T>(a.student, p.off[0] + p.label) * q.inv_temperature;
+  T unused;
+  return student_logit(load_elem<T>(a.student, p.off[0] + p.label), q, unused, Tanh{});
 }
 
+// The gradient w.r.t. one raw logit: row_math.h's w.r.t. the scaled one, times the
+// softcap's derivative dc (1 without a softcap).
 template <Op op, typename T>
-UE_HD T grad_at(T s, T t, int64_t j, int64_t label, const T (&stats)[kNumStats], T g) {
-  if constexpr (reads_label_logit(op)) {
-    if (j == label) return grad_at_label<op, T>(stats, g, Expm1{});
+UE_HD T grad_at(T s, T t, T dc, int64_t j, int64_t label, const T (&stats)[kNumStats], T g, const Params<T>& q) {
+  T out;
+  if (reads_label_logit(op) && j == label) {
+    out = grad_at_label<op, T>(stats, g, q, ElemMath{});
+  } else {
+    out = grad_elem<op, T>(s, t, stats, g, q, ElemMath{});
   }
-  return grad_elem<op, T>(s, t, stats, g, FastExp{});
+  return q.softcap == T(0) ? out : out * dc;
+}
+
+// JSD's second pass (row_math.h, jsd_terms), once the block has both log-sums: the
+// thread's shares of the loss and of E_p[b], tiles in reverse order as in thread_grad
+// (tile_cached: `tile` holds the thread's last tile). Leaves the first tile in `tile`.
+template <Op op, typename T, Path P>
+UE_HD void thread_jsd(const RowArgs& a, const RowPlan& p, const Params<T>& q, int tid, int nthreads,
+                      const T (&stats)[kNumStats], Tile<op, P>& tile, bool tile_cached, T& value, T& pb) {
+  value = T(0);
+  pb = T(0);
+  auto add = [&](const auto& s, const auto& t, const auto&, int64_t) {
+    UE_UNROLL
+    for (int e = 0; e < static_cast<int>(sizeof(s) / sizeof(s[0])); ++e) {
+      T v, b;
+      jsd_terms(s[e], t[e], stats, q, ElemMath{}, v, b);
+      value += v;
+      pb += b;
+    }
+  };
+  if constexpr (P != Path::kScalar) {
+    const int64_t step = static_cast<int64_t>(nthreads) * Tile<op, P>::kUnroll;
+    const int64_t last = p.nvec > 0 ? (p.nvec - 1) / step * step : -1;
+    for (int64_t start = last; start >= 0; start -= step) {
+      if (!(tile_cached && start == last)) load_tile<op, P, false>(a, p, start, tid, nthreads, tile);
+      for_tile<op, T, P>(tile, p, q, start, tid, nthreads, add);
+    }
+  }
+  for_scalars<op, T, P>(a, p, q, tid, nthreads, add);
+}
+
+// Whether the thread's share of the row is a single tile (so that a tile left in
+// registers by one walk is also the last one of the next).
+template <Op op, Path P>
+UE_HD bool single_tile(const RowPlan& p, int nthreads) {
+  return p.nvec <= static_cast<int64_t>(nthreads) * unroll(op);
 }
 
 // Pass 2: writes the gradient of the thread's share of the row, g times d(loss)/d(logits)
@@ -655,44 +731,50 @@ UE_HD void thread_grad(const RowArgs& a, const RowPlan& p, const Params<T>& q, i
   if constexpr (P != Path::kScalar) {
     constexpr int N = vec_elems(P);
     const int64_t step = static_cast<int64_t>(nthreads) * Tile<op, P>::kUnroll;
-    const int64_t full_end = p.nvec / step * step, at_label = label_tile<op, P>(p, step);
     auto general_tile = [&](int64_t start, bool cached) {
       if (!cached) load_tile<op, P, true>(a, p, start, tid, nthreads, tile);
-      for_tile<op, T, P>(tile, p, q, start, tid, nthreads, [&](const T (&s)[N], const T (&t)[N], int64_t j0) {
+      for_tile<op, T, P>(tile, p, q, start, tid, nthreads, [&](const T (&s)[N], const T (&t)[N], const T (&dc)[N],
+                                                               int64_t j0) {
         Raw16 out{{0u, 0u, 0u, 0u}};
         UE_UNROLL
         for (int e = 0; e < N; ++e)
-          vec_set<P>(out, e, static_cast<float>(grad_at<op, T>(s[e], t[e], j0 + e, p.label, stats, g)));
+          vec_set<P>(out, e, static_cast<float>(grad_at<op, T>(s[e], t[e], dc[e], j0 + e, p.label, stats, g, q)));
         store16(vec_ptr<P>(a.grad, p.off[3] + j0), out);
       });
     };
-    // Full tiles from `from` down to `to` (tile starts, from >= to), none cached.
-    auto full_tiles = [&](int64_t from, int64_t to) {
-      for (int64_t start = from; start >= to; start -= step) {
-        load_tile<op, P, true, false>(a, p, start, tid, nthreads, tile);
-        grad_full_tile<op, P>(a, p, tile, start, tid, nthreads, q, stats, g);
+    if (!fast_tiles<op>(q)) {  // every tile through the general code
+      const int64_t last = p.nvec > 0 ? (p.nvec - 1) / step * step : -1;
+      for (int64_t start = last; start >= 0; start -= step) general_tile(start, tile_cached && start == last);
+    } else {
+      // Full tiles from `from` down to `to` (tile starts, from >= to), none cached.
+      auto full_tiles = [&](int64_t from, int64_t to) {
+        for (int64_t start = from; start >= to; start -= step) {
+          load_tile<op, P, true, false>(a, p, start, tid, nthreads, tile);
+          grad_full_tile<op, P>(a, p, tile, start, tid, nthreads, q, stats, g);
+        }
+      };
+      const int64_t full_end = p.nvec / step * step, at_label = label_tile<op, P>(p, step);
+      int64_t top = full_end - step;  // the next full tile to write, downwards
+      if (full_end < p.nvec) {
+        general_tile(full_end, tile_cached);
+      } else if (tile_cached && top >= 0) {  // the last full tile is still in registers
+        if (top == at_label) {
+          general_tile(top, true);
+        } else {
+          grad_full_tile<op, P>(a, p, tile, top, tid, nthreads, q, stats, g);
+        }
+        top -= step;
       }
-    };
-    int64_t top = full_end - step;  // the next full tile to write, downwards
-    if (full_end < p.nvec) {
-      general_tile(full_end, tile_cached);
-    } else if (tile_cached && top >= 0) {  // the last full tile is still in registers
-      if (top == at_label) {
-        general_tile(top, true);
-      } else {
-        grad_full_tile<op, P>(a, p, tile, top, tid, nthreads, q, stats, g);
+      if (at_label >= 0 && at_label <= top) {
+        full_tiles(top, at_label + step);
+        general_tile(at_label, false);
+        top = at_label - step;
       }
-      top -= step;
+      full_tiles(top, 0);
     }
-    if (at_label >= 0 && at_label <= top) {
-      full_tiles(top, at_label + step);
-      general_tile(at_label, false);
-      top = at_label - step;
-    }
-    full_tiles(top, 0);
   }
-  for_scalars<op, T, P>(a, p, q, tid, nthreads, [&](const T (&s)[1], const T (&t)[1], int64_t j) {
-    store_elem<T>(a.grad, p.off[3] + j, grad_at<op, T>(s[0], t[0], j, p.label, stats, g));
+  for_scalars<op, T, P>(a, p, q, tid, nthreads, [&](const T (&s)[1], const T (&t)[1], const T (&dc)[1], int64_t j) {
+    store_elem<T>(a.grad, p.off[3] + j, grad_at<op, T>(s[0], t[0], dc[0], j, p.label, stats, g, q));
   });
 }
 

@@ -80,3 +80,18 @@ def check_finite(name: str, value, *, positive: bool = False, nonnegative: bool 
     if nonnegative and value < 0:
         raise ValueError(f"{name} must be non-negative, got {value}")
     return value
+
+
+def check_softcap(softcap) -> float:
+    """Gemma-2's logit cap c > 0 as a float, or 0.0 for None (no cap)."""
+    if softcap is None:
+        return 0.0
+    return check_finite("softcap", softcap, positive=True)
+
+
+def check_fraction(name: str, value, *, open_ends: bool = False) -> float:
+    """A number in [0, 1] (or (0, 1) with open_ends)."""
+    value = check_finite(name, value)
+    if not (0 < value < 1 if open_ends else 0 <= value <= 1):
+        raise ValueError(f"{name} must be in {'(0, 1)' if open_ends else '[0, 1]'}, got {value}")
+    return value

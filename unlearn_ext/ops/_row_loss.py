@@ -29,6 +29,14 @@ class RowParams(NamedTuple):
     inv_temperature: float = 1.0
     alpha: float = 0.0  # RKLD
     gamma: float = 0.0  # UnDIAL
+    label_smoothing: float = 0.0  # cross_entropy
+    lse_square_scale: float = 0.0  # cross_entropy's z-loss
+    softcap: float = 0.0  # student logits c·tanh(z / c); 0: none
+    beta: float = 0.5  # jsd
+
+    def scalars(self) -> list[float]:
+        """The kernels' `float[] params`, in the order of csrc/common/row_args.h (set_params)."""
+        return [float(x) for x in self[1:]]
 
 
 def new_grad_buffer(like: torch.Tensor) -> torch.Tensor:
@@ -62,10 +70,22 @@ def _rows_disjoint(x: torch.Tensor) -> bool:
     return True
 
 
+def _reduce_rows(values, reduction, count):
+    if reduction == "none":
+        return values
+    if reduction == "sum":
+        return values.sum()
+    return values.sum() / count.clamp(min=1)
+
+
 class RowLossFunction(torch.autograd.Function):
+    """The loss, and with ``return_z_loss`` (cross_entropy) also its z-loss part
+    lse_square_scale·lse², reduced alike: taken from the saved statistics (log-sum-exp =
+    stats 0 + 1), for logging, without a gradient of its own (as Liger's)."""
+
     @staticmethod
     def forward(ctx, logits, teacher, teacher2, labels, op: str, params: RowParams, reduction: str,
-                backend: str, inplace: bool):
+                backend: str, inplace: bool, return_z_loss: bool = False):
         kernels = _kernels(backend)
         rows = logits.numel() // logits.shape[-1]
         count = None
@@ -91,16 +111,19 @@ class RowLossFunction(torch.autograd.Function):
             values, stats = kernels.forward(op, logits, teacher, teacher2, labels, params)
             if ctx.needs_input_grad[0]:
                 ctx.save_for_backward(logits, teacher, teacher2, labels, stats, count)
+        out = _reduce_rows(values, reduction, count)
+        if not return_z_loss:
+            return out.reshape(logits.shape[:-1]) if reduction == "none" else out
+        z = _reduce_rows(params.lse_square_scale * (stats[:, 0] + stats[:, 1]) ** 2, reduction, count)
+        ctx.mark_non_differentiable(z)
         if reduction == "none":
-            return values.reshape(logits.shape[:-1])
-        if reduction == "sum":
-            return values.sum()
-        return values.sum() / count.clamp(min=1)
+            return out.reshape(logits.shape[:-1]), z.reshape(logits.shape[:-1])
+        return out, z
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g):
-        nones = (None,) * 8
+    def backward(ctx, g, *z_loss_grad):
+        nones = (None,) * 9
         if ctx.fused:
             if ctx.scaled:
                 raise RuntimeError(
@@ -145,11 +168,17 @@ def row_loss(
     inplace_backward: bool,
     alpha: float = 0.0,
     gamma: float = 0.0,
-) -> torch.Tensor:
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    beta: float = 0.5,
+    z_loss_fn: Callable[..., torch.Tensor] | None = None,
+):
     """Checks the arguments of a row op and runs it on the chosen backend.
 
     ``teachers`` are (argument name, tensor) pairs; ``reference_fn(logits, *teachers,
-    labels)`` gives the per-row values of the torch backend.
+    labels)`` gives the per-row values of the torch backend. With ``z_loss_fn(logits,
+    labels)`` (the torch backend's per-row z-loss) it returns (loss, z_loss).
     """
     check_logits(logits)
     for name, teacher in teachers:
@@ -163,17 +192,25 @@ def row_loss(
     kernels = resolve(backend, logits.device)
     if kernels is None:
         values = reference_fn(logits, *(t for _, t in teachers), labels)
-        return reference.reduce(values, labels, ignore_index=ignore_index, reduction=reduction)
+        out = reference.reduce(values, labels, ignore_index=ignore_index, reduction=reduction)
+        if z_loss_fn is None:
+            return out
+        with torch.no_grad():
+            return out, reference.reduce(z_loss_fn(logits, labels), labels, ignore_index=ignore_index,
+                                         reduction=reduction)
 
-    params = RowParams(ignore_index, 1.0 / temperature, float(alpha), float(gamma))
+    params = RowParams(ignore_index, 1.0 / temperature, float(alpha), float(gamma), float(label_smoothing),
+                       float(lse_square_scale), float(softcap or 0.0), float(beta))
     teacher_views = [_kernel_view(t.detach()) for _, t in teachers] + [None] * (2 - len(teachers))
     view = _kernel_view(logits)
     # Rows that share memory (an expanded tensor) cannot each hold their own gradient:
     # such logits get a fresh buffer.
     inplace = bool(inplace_backward) and not tracing() and _rows_disjoint(view)
     out = RowLossFunction.apply(view, teacher_views[0], teacher_views[1], flat_labels, op, params, reduction,
-                                kernels.name, inplace)
-    return out.reshape(logits.shape[:-1]) if reduction == "none" else out
+                                kernels.name, inplace, z_loss_fn is not None)
+    if z_loss_fn is None:
+        return out.reshape(logits.shape[:-1]) if reduction == "none" else out
+    return tuple(x.reshape(logits.shape[:-1]) if reduction == "none" else x for x in out)
 
 
 class RowLossModule(torch.nn.Module):

@@ -8,26 +8,28 @@ from __future__ import annotations
 import torch
 
 from .. import reference
+from ._checks import check_softcap
 from ._row_loss import RowLossModule, row_loss
 
 
 def forward_kl(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None, *,
                ignore_index: int = reference.IGNORE_INDEX, reduction: str = "mean", temperature: float = 1.0,
-               backend: str | None = None, inplace_backward: bool = False) -> torch.Tensor:
+               softcap: float | None = None, backend: str | None = None, inplace_backward: bool = False) -> torch.Tensor:
     """KL(teacher ‖ student) per row; ``labels`` (optional) only mark ignored rows."""
+    cap = check_softcap(softcap)
     return row_loss(
         "forward_kl", logits, (("teacher_logits", teacher_logits),), labels, labels_required=False,
-        reference_fn=lambda x, t, y: reference.forward_kl(x, t, y, ignore_index=ignore_index, temperature=temperature),
+        reference_fn=lambda x, t, y: reference.forward_kl(x, t, y, ignore_index=ignore_index, temperature=temperature, softcap=cap or None),
         ignore_index=ignore_index, temperature=temperature, reduction=reduction, backend=backend,
-        inplace_backward=inplace_backward)
+        inplace_backward=inplace_backward, softcap=cap)
 
 
 class ForwardKLLoss(RowLossModule):
     """Module form of :func:`forward_kl`."""
 
     def __init__(self, *, ignore_index: int = reference.IGNORE_INDEX, reduction: str = "mean",
-                 temperature: float = 1.0, backend: str | None = None, inplace_backward: bool = False):
-        super().__init__(ignore_index=ignore_index, reduction=reduction, temperature=temperature, backend=backend,
+                 temperature: float = 1.0, softcap: float | None = None, backend: str | None = None, inplace_backward: bool = False):
+        super().__init__(ignore_index=ignore_index, reduction=reduction, temperature=temperature, softcap=softcap, backend=backend,
                          inplace_backward=inplace_backward)
 
     def forward(self, logits, teacher_logits, labels=None):

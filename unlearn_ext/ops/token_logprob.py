@@ -9,11 +9,12 @@ from __future__ import annotations
 import torch
 
 from .. import reference
+from ._checks import check_softcap
 from ._row_loss import RowLossModule, row_loss
 
 
 def token_logprob(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = reference.IGNORE_INDEX,
-                  reduction: str = "none", temperature: float = 1.0, backend: str | None = None,
+                  reduction: str = "none", temperature: float = 1.0, softcap: float | None = None, backend: str | None = None,
                   inplace_backward: bool = False) -> torch.Tensor:
     """Per-row log-probability of the label (0 on ignored rows).
 
@@ -25,19 +26,20 @@ def token_logprob(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: i
         backend: ``torch``, ``cpu``, ``cuda`` or ``triton``; default: the fastest for the device.
         inplace_backward: write the gradient over ``logits`` (do not use them afterwards).
     """
+    cap = check_softcap(softcap)
     return row_loss(
         "token_logprob", logits, (), labels, labels_required=True,
-        reference_fn=lambda x, y: reference.token_logprob(x, y, ignore_index=ignore_index, temperature=temperature),
+        reference_fn=lambda x, y: reference.token_logprob(x, y, ignore_index=ignore_index, temperature=temperature, softcap=cap or None),
         ignore_index=ignore_index, temperature=temperature, reduction=reduction, backend=backend,
-        inplace_backward=inplace_backward)
+        inplace_backward=inplace_backward, softcap=cap)
 
 
 class TokenLogProb(RowLossModule):
     """Module form of :func:`token_logprob`."""
 
     def __init__(self, *, ignore_index: int = reference.IGNORE_INDEX, reduction: str = "none",
-                 temperature: float = 1.0, backend: str | None = None, inplace_backward: bool = False):
-        super().__init__(ignore_index=ignore_index, reduction=reduction, temperature=temperature, backend=backend,
+                 temperature: float = 1.0, softcap: float | None = None, backend: str | None = None, inplace_backward: bool = False):
+        super().__init__(ignore_index=ignore_index, reduction=reduction, temperature=temperature, softcap=softcap, backend=backend,
                          inplace_backward=inplace_backward)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from .configs import blocks_per_program, config
 from .row_kernels import row_backward_kernel, row_forward_kernel
 from .row_math import NEEDS_LABEL, OP_CODES
 
-NUM_STATS = 4  # per-row statistics, the layout of csrc/common/row_math.h (kNumStats)
+NUM_STATS = 5  # per-row statistics, the layout of csrc/common/row_math.h (kNumStats)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Contract a * b + c into FMAs (Triton's default until 3.10, named so that it stays put):
 # faster, and no less accurate for this math.
@@ -82,6 +82,12 @@ def _labels(labels, logits):
     return labels.contiguous() if labels is not None else logits
 
 
+def _scalars(p, vocab) -> tuple:
+    """The kernels' scalar parameters after alpha, gamma (row_kernels.py): softcap, label
+    smoothing and its per-element share, z-loss weight, beta and 1 - beta (exact in double)."""
+    return (p.softcap or 1.0, p.label_smoothing, p.label_smoothing / vocab, p.lse_square_scale, p.beta, 1.0 - p.beta)
+
+
 class TritonRowKernels:
     """Row kernels in Triton: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
 
@@ -115,9 +121,10 @@ class TritonRowKernels:
         with _on_device(logits):
             row_forward_kernel[(rows,)](
                 *_inputs(logits, teacher, teacher2, grad), _labels(labels, logits), values, stats,
-                vocab, p.ignore_index, p.inv_temperature, p.alpha, p.gamma, grad_scale * p.inv_temperature,
-                OP=OP_CODES[op], HAS_LABELS=labels is not None, NEEDS_LABEL=op in NEEDS_LABEL,
-                WRITE_GRAD=grad is not None, BLOCK=block, num_warps=warps, enable_fp_fusion=FP_FUSION)
+                vocab, p.ignore_index, p.inv_temperature, p.alpha, p.gamma, *_scalars(p, vocab),
+                grad_scale * p.inv_temperature, OP=OP_CODES[op], HAS_LABELS=labels is not None,
+                NEEDS_LABEL=op in NEEDS_LABEL, WRITE_GRAD=grad is not None, SOFTCAP=p.softcap > 0, BLOCK=block,
+                num_warps=warps, enable_fp_fusion=FP_FUSION)
         return values, stats
 
     def backward(self, op, logits, teacher, teacher2, labels, stats, grad_rows, p, grad):
@@ -132,8 +139,9 @@ class TritonRowKernels:
             row_backward_kernel[(rows, -(-vocab // (block * per_program)))](
                 *_inputs(logits, teacher, teacher2, grad), _labels(labels, logits), stats.contiguous(),
                 grad_rows.float().contiguous(), vocab, p.ignore_index, p.inv_temperature, p.alpha, p.gamma,
-                per_program, OP=OP_CODES[op], HAS_LABELS=labels is not None, NEEDS_LABEL=op in NEEDS_LABEL,
-                BLOCK=block, num_warps=warps, enable_fp_fusion=FP_FUSION)
+                *_scalars(p, vocab), per_program, OP=OP_CODES[op], HAS_LABELS=labels is not None,
+                NEEDS_LABEL=op in NEEDS_LABEL, SOFTCAP=p.softcap > 0, BLOCK=block, num_warps=warps,
+                enable_fp_fusion=FP_FUSION)
 
 
 KERNELS = TritonRowKernels()

@@ -20,8 +20,10 @@ logits[:, :-1] is read in place and N * V may exceed 2^31. An ignored row reads 
 import triton
 import triton.language as tl
 
-from .row_math import (FORWARD_KL, NEG_INF, REVERSE_KL, RKLD, finalize, grad_at_label, grad_block, load_block,
-                       online_update, reverse_kl_block)
+from .row_math import (FORWARD_KL, JSD, NEG_INF, REVERSE_KL, RKLD, finalize, grad_at_label, grad_block, jsd_terms,
+                       load_block, online_update, reverse_kl_block, round_to_bf16)
+
+NUM_STATS = tl.constexpr(5)  # per-row statistics (row_math.finalize)
 
 
 @triton.jit
@@ -54,19 +56,28 @@ def _nan_without_label(x, y, V, NEEDS_LABEL: tl.constexpr):
 
 
 @triton.jit
-def _write_grad(s_row, t_row, t2_row, g_row, first, end, V, limit, y, inv_t, alpha, gamma,
-                stat0, stat1, stat2, stat3, g, REVERSE: tl.constexpr, OP: tl.constexpr, BLOCK: tl.constexpr):
-    """Writes blocks [first, end) of a row's gradient (in reverse order if REVERSE)."""
-    label_grad = grad_at_label(stat2, g, OP)
+def _write_grad(s_row, t_row, t2_row, g_row, first, end, V, limit, y, inv_t, alpha, gamma, softcap, smoothing,
+                smoothing_per_elem, z_scale, beta, one_minus_beta, stat0, stat1, stat2, stat3, stat4, g,
+                REVERSE: tl.constexpr, OP: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
+    """Writes blocks [first, end) of a row's gradient (in reverse order if REVERSE), times
+    the softcap's derivative; a bfloat16 gradient rounded to nearest even (round_to_bf16)."""
+    label_grad = grad_at_label(stat0, stat1, stat2, g, smoothing, smoothing_per_elem, z_scale, OP)
     lanes = tl.arange(0, BLOCK)
     for i in range(first, end):
         if REVERSE:
             cols = (end - 1 - (i - first)) * BLOCK + lanes
         else:
             cols = i * BLOCK + lanes
-        s, t = load_block(s_row, t_row, t2_row, cols, cols < limit, y, inv_t, alpha, gamma, OP)
-        out = grad_block(s, t, cols, y, stat0, stat1, stat2, stat3, g, label_grad, OP)
-        tl.store(g_row + cols, tl.where(limit > 0, out, 0.0), mask=cols < V)
+        s, t, dcap = load_block(s_row, t_row, t2_row, cols, cols < limit, y, inv_t, alpha, gamma, softcap, SOFTCAP,
+                                OP)
+        out = grad_block(s, t, cols, y, stat0, stat1, stat2, stat3, stat4, g, label_grad, smoothing_per_elem,
+                         z_scale, beta, one_minus_beta, OP)
+        if SOFTCAP:
+            out = out * dcap
+        out = tl.where(limit > 0, out, 0.0)
+        if g_row.dtype.element_ty == tl.bfloat16:
+            out = round_to_bf16(out)
+        tl.store(g_row + cols, out, mask=cols < V)
 
 
 @triton.jit
@@ -76,9 +87,10 @@ def row_forward_kernel(
     T2, t2_rows, t2_inner, t2_outer,
     G, g_rows, g_inner, g_outer,
     LABELS, VALUES, STATS,
-    V, ignore_index, inv_t, alpha, gamma, grad_scale,
+    V, ignore_index, inv_t, alpha, gamma, softcap, smoothing, smoothing_per_elem, z_scale, beta, one_minus_beta,
+    grad_scale,
     OP: tl.constexpr, HAS_LABELS: tl.constexpr, NEEDS_LABEL: tl.constexpr, WRITE_GRAD: tl.constexpr,
-    BLOCK: tl.constexpr,
+    SOFTCAP: tl.constexpr, BLOCK: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
     y, limit = _row_label(LABELS, r, V, ignore_index, HAS_LABELS)
@@ -97,35 +109,56 @@ def row_forward_kernel(
     # they are in flight while it computes. `cols < limit` reads nothing past the row, and
     # nothing at all for an ignored row (limit = 0).
     cols = lanes
-    s, t = load_block(s_row, t_row, t2_row, cols, cols < limit, y, inv_t, alpha, gamma, OP)
+    s, t, _ = load_block(s_row, t_row, t2_row, cols, cols < limit, y, inv_t, alpha, gamma, softcap, SOFTCAP, OP)
     for b0 in range(0, limit, BLOCK):
         next_cols = b0 + BLOCK + lanes
-        next_s, next_t = load_block(s_row, t_row, t2_row, next_cols, next_cols < limit, y, inv_t, alpha, gamma, OP)
-        ms, mt, ms0, mt0, ss, st, acc = online_update(s, t, cols, y, ms, mt, ms0, mt0, ss, st, acc, OP)
+        next_s, next_t, _ = load_block(s_row, t_row, t2_row, next_cols, next_cols < limit, y, inv_t, alpha, gamma,
+                                       softcap, SOFTCAP, OP)
+        ms, mt, ms0, mt0, ss, st, acc = online_update(s, t, cols, cols < V, y, ms, mt, ms0, mt0, ss, st, acc, OP)
         cols, s, t = next_cols, next_s, next_t
     if OP == REVERSE_KL or OP == RKLD:  # the second pass, in reverse: its blocks are still in L2
         num_blocks = tl.cdiv(limit, BLOCK)
         for i in range(0, num_blocks):
             cols = (num_blocks - 1 - i) * BLOCK + lanes
-            s, t = load_block(s_row, t_row, t2_row, cols, cols < V, y, inv_t, alpha, gamma, OP)
+            s, t, _ = load_block(s_row, t_row, t2_row, cols, cols < V, y, inv_t, alpha, gamma, softcap, SOFTCAP, OP)
             acc += reverse_kl_block(s, t, ms0, mt0)
 
     if OP < FORWARD_KL:  # the label's logit, left out of ss
-        s_label = tl.load(s_row + tl.where((y >= 0) & (y < V), y, 0)).to(tl.float32) * inv_t
+        label_cols = tl.where((y >= 0) & (y < V), y, 0) + tl.zeros([1], tl.int64)
+        s_label, _, _ = load_block(s_row, s_row, s_row, label_cols, label_cols >= 0, y, inv_t, alpha, gamma,
+                                   softcap, SOFTCAP, OP)
+        s_label = tl.sum(s_label, 0)
     else:
         s_label = 0.0
-    value, stat1, stat2, stat3 = finalize(ms0, mt0, tl.sum(ss, 0), tl.sum(st, 0), tl.sum(acc, 0), s_label, OP)
+    value, stat1, stat2, stat3 = finalize(ms0, mt0, tl.sum(ss, 0), tl.sum(st, 0), tl.sum(acc, 0), s_label,
+                                          smoothing, z_scale, OP)
+    stat4 = 0.0
+    if OP == JSD:  # the second pass, in reverse, with both log-sums known
+        num_blocks = tl.cdiv(limit, BLOCK)
+        vsum = tl.zeros([BLOCK], tl.float32)
+        pbsum = tl.zeros([BLOCK], tl.float32)
+        for i in range(0, num_blocks):
+            cols = (num_blocks - 1 - i) * BLOCK + lanes
+            s, t, _ = load_block(s_row, t_row, t2_row, cols, cols < V, y, inv_t, alpha, gamma, softcap, SOFTCAP, OP)
+            v, pb = jsd_terms(s, t, ms0, stat1, stat2, stat3, beta, one_minus_beta)
+            vsum += v
+            pbsum += pb
+        value = tl.sum(vsum, 0)
+        stat4 = tl.sum(pbsum, 0)
     value = _nan_without_label(value, y, V, NEEDS_LABEL)
     keep = limit > 0
     tl.store(VALUES + r, tl.where(keep, value, 0.0))
-    tl.store(STATS + r * 4, tl.where(keep, ms0, 0.0))
-    tl.store(STATS + r * 4 + 1, tl.where(keep, stat1, 0.0))
-    tl.store(STATS + r * 4 + 2, tl.where(keep, stat2, 0.0))
-    tl.store(STATS + r * 4 + 3, tl.where(keep, stat3, 0.0))
+    tl.store(STATS + r * NUM_STATS, tl.where(keep, ms0, 0.0))
+    tl.store(STATS + r * NUM_STATS + 1, tl.where(keep, stat1, 0.0))
+    tl.store(STATS + r * NUM_STATS + 2, tl.where(keep, stat2, 0.0))
+    tl.store(STATS + r * NUM_STATS + 3, tl.where(keep, stat3, 0.0))
+    tl.store(STATS + r * NUM_STATS + 4, tl.where(keep, stat4, 0.0))
     if WRITE_GRAD:  # against the previous walk's direction: its last blocks are the ones still in L2
+        forwards = not (OP == REVERSE_KL or OP == RKLD or OP == JSD)
         _write_grad(s_row, t_row, t2_row, _row_start(G, r, g_rows, g_inner, g_outer), 0, tl.cdiv(V, BLOCK), V,
-                    limit, y, inv_t, alpha, gamma, ms0, stat1, stat2, stat3, _nan_without_label(grad_scale, y, V, NEEDS_LABEL),
-                    not (OP == REVERSE_KL or OP == RKLD), OP, BLOCK)
+                    limit, y, inv_t, alpha, gamma, softcap, smoothing, smoothing_per_elem, z_scale, beta,
+                    one_minus_beta, ms0, stat1, stat2, stat3, stat4,
+                    _nan_without_label(grad_scale, y, V, NEEDS_LABEL), forwards, OP, SOFTCAP, BLOCK)
 
 
 @triton.jit
@@ -135,8 +168,10 @@ def row_backward_kernel(
     T2, t2_rows, t2_inner, t2_outer,
     G, g_rows, g_inner, g_outer,
     LABELS, STATS, GRAD_ROWS,
-    V, ignore_index, inv_t, alpha, gamma, blocks_per_program,
-    OP: tl.constexpr, HAS_LABELS: tl.constexpr, NEEDS_LABEL: tl.constexpr, BLOCK: tl.constexpr,
+    V, ignore_index, inv_t, alpha, gamma, softcap, smoothing, smoothing_per_elem, z_scale, beta, one_minus_beta,
+    blocks_per_program,
+    OP: tl.constexpr, HAS_LABELS: tl.constexpr, NEEDS_LABEL: tl.constexpr, SOFTCAP: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
     first = tl.program_id(1) * blocks_per_program
@@ -145,5 +180,7 @@ def row_backward_kernel(
     g = _nan_without_label(tl.load(GRAD_ROWS + r) * inv_t, y, V, NEEDS_LABEL)
     _write_grad(_row_start(S, r, s_rows, s_inner, s_outer), _row_start(T, r, t_rows, t_inner, t_outer),
                 _row_start(T2, r, t2_rows, t2_inner, t2_outer), _row_start(G, r, g_rows, g_inner, g_outer),
-                first, end, V, limit, y, inv_t, alpha, gamma, tl.load(STATS + r * 4), tl.load(STATS + r * 4 + 1),
-                tl.load(STATS + r * 4 + 2), tl.load(STATS + r * 4 + 3), g, False, OP, BLOCK)
+                first, end, V, limit, y, inv_t, alpha, gamma, softcap, smoothing, smoothing_per_elem, z_scale, beta,
+                one_minus_beta, tl.load(STATS + r * NUM_STATS), tl.load(STATS + r * NUM_STATS + 1),
+                tl.load(STATS + r * NUM_STATS + 2), tl.load(STATS + r * NUM_STATS + 3),
+                tl.load(STATS + r * NUM_STATS + 4), g, False, OP, SOFTCAP, BLOCK)

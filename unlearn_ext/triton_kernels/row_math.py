@@ -19,8 +19,10 @@ FORWARD_KL = tl.constexpr(2)  # KL(q || p)
 REVERSE_KL = tl.constexpr(3)  # KL(p || q)
 RKLD = tl.constexpr(4)  # KL(p || q), teacher o - alpha * relu(a - o) built on load
 UNDIAL = tl.constexpr(5)  # soft-label CE to softmax(t - gamma * onehot(y))
+JSD = tl.constexpr(6)  # generalised JSD, 0 < beta < 1, scaled to be continuous at 0 and 1
 
-OP_CODES = {"token_logprob": 0, "cross_entropy": 1, "forward_kl": 2, "reverse_kl": 3, "rkld": 4, "undial": 5}
+OP_CODES = {"token_logprob": 0, "cross_entropy": 1, "forward_kl": 2, "reverse_kl": 3, "rkld": 4, "undial": 5,
+            "jsd": 6}
 # The ops whose value reads the label's logit (token ops: codes below FORWARD_KL) or whose
 # teacher depends on the label (UnDIAL): a row without a valid label gives NaN.
 NEEDS_LABEL = {"token_logprob", "cross_entropy", "undial"}
@@ -52,14 +54,33 @@ def expm1(x):
 
 
 @triton.jit
-def load_block(s_row, t_row, t2_row, cols, live, y, inv_t, alpha, gamma, OP: tl.constexpr):
+def tanh(x):
+    """tanh(x) to a few ulp from expm1 (libdevice's has no interpreter version):
+    -expm1(-2|x|) / (2 + expm1(-2|x|)) keeps the digits of a small x; +-inf give +-1."""
+    e = expm1(-2.0 * tl.abs(x))
+    th = -e / (2.0 + e)
+    return tl.where(x < 0, -th, th)
+
+
+@triton.jit
+def load_block(s_row, t_row, t2_row, cols, live, y, inv_t, alpha, gamma, softcap, SOFTCAP: tl.constexpr,
+               OP: tl.constexpr):
     """Student and teacher logits of one block, float32, divided by the temperature; the
-    teacher built from its raw inputs first. Lanes outside `live` read -inf (they add 0).
+    student softcapped first (SOFTCAP: c tanh(z / c), Gemma-2), the teacher built from its
+    raw inputs first. Also the softcap's derivative 1 - tanh^2 (1 without a softcap), which
+    the gradient w.r.t. the raw logit carries. Lanes outside `live` read -inf (they add 0).
 
     RKLD:   o - alpha * relu(a - o); a masked original (o = -inf) stays masked, which also
             avoids -inf - -inf when both are masked. `d < 0 ? 0 : d` keeps a NaN a NaN.
     UnDIAL: t - gamma at the label (subtracted on load, never corrected afterwards)."""
-    s = tl.load(s_row + cols, mask=live, other=NEG_INF).to(tl.float32) * inv_t
+    s = tl.load(s_row + cols, mask=live, other=NEG_INF).to(tl.float32)
+    if SOFTCAP:
+        th = tanh(s / softcap)
+        dcap = 1.0 - th * th
+        s = tl.where(live, softcap * th, NEG_INF)
+    else:
+        dcap = tl.full(s.shape, 1.0, tl.float32)
+    s = s * inv_t
     if OP >= FORWARD_KL:
         t = tl.load(t_row + cols, mask=live, other=NEG_INF).to(tl.float32)
         if OP == RKLD:
@@ -70,11 +91,11 @@ def load_block(s_row, t_row, t2_row, cols, live, y, inv_t, alpha, gamma, OP: tl.
         t = t * inv_t
     else:
         t = s  # the token ops have no teacher
-    return s, t
+    return s, t, dcap
 
 
 @triton.jit
-def online_update(s, t, cols, y, ms, mt, ms0, mt0, ss, st, acc, OP: tl.constexpr):
+def online_update(s, t, cols, live, y, ms, mt, ms0, mt0, ss, st, acc, OP: tl.constexpr):
     """Merges one loaded block into the row's running state and returns the new state.
 
     ms, mt are the running maxima of s and t; ms0, mt0 the same made safe to subtract (a
@@ -84,9 +105,11 @@ def online_update(s, t, cols, y, ms, mt, ms0, mt0, ss, st, acc, OP: tl.constexpr
               out of ss (ms still covers it), so that finalize keeps 1 - p_y's digits
       acc     the op's weighted sum, of logits shifted by their maxima so that two nearly
               equal distributions are not lost to cancellation:
-                forward KL  sum exp(t - mt) ((t - mt) - (s - ms))
-                UnDIAL      sum exp(t - mt) (s - ms)
-              (reverse KL's is taken by a second pass, reverse_kl_block: see there)
+                forward KL     sum exp(t - mt) ((t - mt) - (s - ms))
+                UnDIAL         sum exp(t - mt) (s - ms)
+                cross_entropy  sum (s - ms) over the lanes in `live`, st counting them
+                               (label smoothing's mean of the logits)
+              (reverse KL's and JSD's are taken by a second pass: see reverse_kl_block, jsd_terms)
     A zero weight contributes exactly 0 even where the other factor is infinite (masked
     logits: 0 * log 0 = 0). When a maximum grows, the sums are rescaled and acc's shifts
     moved: sum w (x - old) = sum w (x - new) + (new - old) sum w.
@@ -100,6 +123,9 @@ def online_update(s, t, cols, y, ms, mt, ms0, mt0, ss, st, acc, OP: tl.constexpr
     es = tl.exp(s - ms0_new)
     if OP < FORWARD_KL:
         ss = ss * fs + tl.where(cols == y, 0.0, es)
+        if OP == CROSS_ENTROPY:
+            acc = acc + (ms0 - ms0_new) * st + tl.where(live, s - ms0_new, 0.0)
+            st = st + tl.where(live, 1.0, 0.0)
         mt_new = mt
         mt0_new = mt0
     else:
@@ -133,14 +159,17 @@ def reverse_kl_block(s, t, ms0, mt0):
 
 
 @triton.jit
-def finalize(ms, mt, ss, st, acc, s_label, OP: tl.constexpr):
-    """The row's loss and its four statistics (the layout of row_math.h, kNumStats):
-      token ops        {ms, log(ss + e^(s_y - ms)), log p_y, 0}
-      forward KL       {ms, log ss, mt, log st}
-      reverse KL/RKLD  {ms, log ss, mt, E_p[(s - ms) - (t - mt)]}
-      UnDIAL           {ms, log ss, mt, log st~}
+def finalize(ms, mt, ss, st, acc, s_label, smoothing, z_scale, OP: tl.constexpr):
+    """The row's loss and statistics 1-3 (the layout of row_math.h, kNumStats = 5):
+      token ops        {ms, log(ss + e^(s_y - ms)), log p_y, 0, 0}
+      forward KL       {ms, log ss, mt, log st, 0}
+      reverse KL/RKLD  {ms, log ss, mt, E_p[(s - ms) - (t - mt)], 0}
+      UnDIAL           {ms, log ss, mt, log st~, 0}
+      JSD              {ms, log ss, mt, log st, E_p[b]}   (loss and E_p[b]: jsd_terms)
     ms, mt are the safe maxima; ss, st, acc the row's reduced sums (for the token ops ss
-    leaves the label's own term out); s_label the student's scaled logit at the label."""
+    leaves the label's own term out); s_label the student's scaled logit at the label.
+    cross_entropy adds label smoothing, (1 - eps) CE + eps (log sum e^(s - ms) - mean(s - ms)),
+    and the z-loss z lse^2, each only when asked for (0 * inf would make a masked row NaN)."""
     if OP < FORWARD_KL:
         # log p_y = d - log(ss + e^d), d = s_y - ms <= 0. Near the top (p_y ~ 1) write it as
         # -log1p(ss e^-d): 1 - p_y of a memorised token is far below float32's resolution
@@ -152,15 +181,19 @@ def finalize(ms, mt, ss, st, acc, s_label, OP: tl.constexpr):
             value = logp
         else:
             value = -logp
+            if smoothing != 0.0:
+                value = (1.0 - smoothing) * value + smoothing * (log_sum - acc / st)
+            if z_scale != 0.0:
+                value += z_scale * (ms + log_sum) * (ms + log_sum)
         stat1 = log_sum
         stat2 = logp
         stat3 = tl.zeros_like(logp)
     else:
         stat1 = tl.log(ss)
         stat2 = mt
-        if OP == FORWARD_KL:
+        if OP == FORWARD_KL or OP == JSD:
             stat3 = tl.log(st)
-            value = acc / st + (stat1 - stat3)
+            value = acc / st + (stat1 - stat3)  # JSD: replaced by its second pass
         elif OP == UNDIAL:
             stat3 = tl.log(st)
             value = stat1 - acc / st
@@ -171,33 +204,85 @@ def finalize(ms, mt, ss, st, acc, s_label, OP: tl.constexpr):
 
 
 @triton.jit
-def grad_at_label(stat2, g, OP: tl.constexpr):
+def log_mix(x, g, gc):
+    """log((1 - g) + g e^x) for 0 < g < 1 (gc = 1 - g), accurate relative to its own size
+    (row_math.h, log_mix): log1p(g expm1(x)) where 1 + g expm1(x) >= 1/2, else (x < 0,
+    g > 1/2) x + log1p(gc expm1(-x)), whose argument is positive; beyond |x| = 80 from the
+    sum itself. Every branch's input is kept finite (the interpreter warns of inf - inf)."""
+    xm = tl.minimum(tl.maximum(x, -80.0), 80.0)
+    y = g * expm1(xm)
+    # log1p above takes x >= 0: for -1/2 <= y < 0, log1p(y) = -log1p(-y / (1 + y))
+    near = tl.where(y >= 0.0, log1p(tl.maximum(y, 0.0)), -log1p(tl.maximum(-y / (1.0 + y), 0.0)))
+    far = xm + log1p(gc * expm1(-xm))
+    big = x + tl.log(g + gc * tl.exp(-tl.maximum(x, 80.0)))
+    small = tl.log(gc + g * tl.exp(tl.minimum(x, -80.0)))
+    out = tl.where(y >= -0.5, near, tl.where(x < -80.0, small, far))
+    return tl.where(x > 80.0, big, out)
+
+
+@triton.jit
+def jsd_terms(s, t, stat0, stat1, stat2, stat3, beta, one_minus_beta):
+    """One block's shares of the scaled JSD and of E_p[b], b = log(p / m) / beta (row_math.h,
+    jsd_terms): q log(q / m) / (1 - beta) + p b, and p b; zero probabilities give exactly 0."""
+    lp = (s - stat0) - stat1
+    lq = (t - stat2) - stat3
+    p = tl.exp(lp)
+    q = tl.exp(lq)
+    d = tl.where((p == 0.0) & (q == 0.0), 0.0, lq - lp)
+    pb = tl.where(p == 0.0, 0.0, -p * log_mix(d, beta, one_minus_beta) / beta)
+    vq = tl.where(q == 0.0, 0.0, -q * log_mix(-d, one_minus_beta, beta) / one_minus_beta)
+    return vq + pb, pb
+
+
+@triton.jit
+def grad_at_label(stat0, stat1, stat2, g, smoothing, smoothing_per_elem, z_scale, OP: tl.constexpr):
     """The token ops' gradient at the label, g (1 - p_y) for token_logprob and its negative
     for cross_entropy, with 1 - p_y = -expm1(log p_y) from the saved log p_y: s_y - lse
-    would round to 0 for memorised tokens, where p_y ~ 1. 0 for the other ops."""
+    would round to 0 for memorised tokens, where p_y ~ 1. cross_entropy adds label
+    smoothing's eps (1 - 1/V) and the z-loss's 2 z lse p_y. 0 for the other ops."""
     if OP == TOKEN_LOGPROB:
         out = -g * expm1(stat2)
     elif OP == CROSS_ENTROPY:
-        out = g * expm1(stat2)
+        z = tl.where(z_scale == 0.0, 0.0, 2.0 * z_scale * (stat0 + stat1) * tl.exp(stat2))
+        out = g * ((expm1(stat2) + (smoothing - smoothing_per_elem)) + z)
     else:
         out = 0.0 * g
     return out
 
 
 @triton.jit
-def grad_block(s, t, cols, y, stat0, stat1, stat2, stat3, g, label_grad, OP: tl.constexpr):
+def grad_block(s, t, cols, y, stat0, stat1, stat2, stat3, stat4, g, label_grad, smoothing_per_elem, z_scale,
+               beta, one_minus_beta, OP: tl.constexpr):
     """Gradient of the row loss w.r.t. the block's scaled student logits, times g (the
     upstream gradient, already divided by the temperature); label_grad from grad_at_label.
-      token_logprob  -g p          cross_entropy  g p
+      token_logprob  -g p          cross_entropy  g (p (1 + 2 z lse) - eps / V)
       forward KL     g (p - q)     UnDIAL         g (p - q~)   (t already adjusted)
-      reverse KL     g p (((s - ms) - (t - mt)) - E_p[...])    (= p (log p - log q - KL))"""
+      reverse KL     g p (((s - ms) - (t - mt)) - E_p[...])    (= p (log p - log q - KL))
+      JSD            g p (b - E_p[b]),  b = log(p / m) / beta"""
     p = tl.exp((s - stat0) - stat1)
     if OP == TOKEN_LOGPROB:
         out = tl.where(cols == y, label_grad, -g * p)
     elif OP == CROSS_ENTROPY:
-        out = tl.where(cols == y, label_grad, g * p)
+        zf = tl.where(z_scale == 0.0, 1.0, 1.0 + 2.0 * z_scale * (stat0 + stat1))
+        out = tl.where(cols == y, label_grad, g * (p * zf - smoothing_per_elem))
     elif OP == REVERSE_KL or OP == RKLD:
         out = tl.where(p == 0.0, 0.0, g * p * (((s - stat0) - (t - stat2)) - stat3))
+    elif OP == JSD:
+        lq = (t - stat2) - stat3
+        d = tl.where((p == 0.0) & (lq == NEG_INF), 0.0, lq - ((s - stat0) - stat1))
+        b = -log_mix(d, beta, one_minus_beta) / beta
+        out = tl.where(p == 0.0, 0.0, g * p * (b - stat4))
     else:  # FORWARD_KL, UNDIAL
         out = g * (p - tl.exp((t - stat2) - stat3))
     return out
+
+
+@triton.jit
+def round_to_bf16(x):
+    """x rounded to the nearest bfloat16, ties to even, as a float32 (its low 16 bits zero):
+    the store's cast is then exact, so a bfloat16 gradient is rounded like torch's
+    .to(torch.bfloat16) on the GPU and under the interpreter alike (Triton 3.9's
+    interpreter truncates the cast). NaN stays NaN; overflow rounds to inf as torch does."""
+    u = x.to(tl.uint32, bitcast=True)
+    r = (u + (0x7FFF + ((u >> 16) & 1))) & 0xFFFF0000
+    return tl.where(x != x, x, r.to(tl.float32, bitcast=True))
