@@ -23,6 +23,9 @@ import pytest
 import torch
 
 import unlearn_ext as ue
+from unlearn_ext._backends import resolve
+from unlearn_ext._fake_ops import NUM_STATS
+from unlearn_ext.ops._row_loss import RowParams
 
 from conftest import BACKEND_DEVICES
 from reliability_tally import tally
@@ -49,16 +52,18 @@ def raw_cases(device="cpu"):
     ops = torch.ops.unlearn_ext
     torch.set_default_device(device)
     x, y = torch.randn(N, V), torch.randint(0, V, (N,))
-    stats, grad_rows, grad = torch.zeros(N, 4), torch.ones(N), torch.empty(N, V)
+    stats, grad_rows, grad = torch.zeros(N, NUM_STATS), torch.ones(N), torch.empty(N, V)
+    params = RowParams().scalars()
 
     def fwd(op="cross_entropy", logits=x, teacher=None, teacher2=None, labels=y, inv_t=1.0, alpha=0.0, gamma=0.0):
-        return lambda: ops.row_loss_forward(op, logits, teacher, teacher2, labels, IGNORE, inv_t, alpha, gamma)
+        p = RowParams(IGNORE, inv_t, alpha, gamma).scalars()
+        return lambda: ops.row_loss_forward(op, logits, teacher, teacher2, labels, IGNORE, p)
 
-    def fwd_grad(g, op="cross_entropy", logits=x, labels=y):
-        return lambda: ops.row_loss_forward_with_grad(op, logits, None, None, labels, IGNORE, 1.0, 0.0, 0.0, g, 1.0)
+    def fwd_grad(g, op="cross_entropy", logits=x, labels=y, scale=torch.ones(())):
+        return lambda: ops.row_loss_forward_with_grad(op, logits, None, None, labels, IGNORE, params, g, scale)
 
     def bwd(st=stats, gr=grad_rows, g=grad, labels=y, op="cross_entropy", logits=x, teacher=None):
-        return lambda: ops.row_loss_backward(op, logits, teacher, None, labels, st, gr, IGNORE, 1.0, 0.0, 0.0, g)
+        return lambda: ops.row_loss_backward(op, logits, teacher, None, labels, st, gr, IGNORE, params, g)
 
     nan_row = x.clone()
     nan_row[1, 3] = float("nan")
@@ -105,6 +110,9 @@ def raw_cases(device="cpu"):
         ("grad rows overlap", "ValueError", ["grad", "share memory"],
          fwd_grad(torch.empty(N * V).as_strided((N, V), (1, 1)))),
         ("grad on meta", "ValueError", ["grad", "meta"], fwd_grad(torch.empty(N, V, device="meta"))),
+        ("grad_scale two elements", "ValueError", ["grad_scale", "one element"], fwd_grad(grad, scale=torch.ones(2))),
+        ("grad_scale int", "TypeError", ["grad_scale", "floating"], fwd_grad(grad, scale=torch.ones((), dtype=torch.long))),
+        ("grad_scale on meta", "ValueError", ["grad_scale", "meta"], fwd_grad(grad, scale=torch.ones((), device="meta"))),
         ("stats rows", "ValueError", ["stats"], bwd(st=torch.zeros(N + 1, 4))),
         ("stats width", "ValueError", ["stats"], bwd(st=torch.zeros(N, 3))),
         ("stats dtype", "ValueError", ["stats"], bwd(st=torch.zeros(N, 4, dtype=torch.float64))),
@@ -269,8 +277,12 @@ def test_backend_selection_bad_inputs(monkeypatch):
     monkeypatch.setenv("UNLEARN_EXT_BACKEND", "bogus")
     expect(ValueError, ["UNLEARN_EXT_BACKEND", "bogus"], lambda: ue.cross_entropy(x, y))
     monkeypatch.delenv("UNLEARN_EXT_BACKEND")
-    expect(ValueError, ["cpu backend takes CPU tensors", "meta"],
-           lambda: ue.cross_entropy(x.to("meta"), y.to("meta"), backend="cpu"))
+    # Meta tensors (shapes only) run the fake kernels on any backend (tests/test_no_host_sync.py);
+    # mixed with real ones they are refused.
+    assert ue.cross_entropy(x.to("meta"), y.to("meta"), backend="cpu").is_meta
+    expect(ValueError, ["labels", "meta"], lambda: ue.cross_entropy(x.to("meta"), y, backend="cpu"))
+    expect(ValueError, ["cpu backend takes CPU tensors", "cuda"],
+           lambda: resolve("cpu", torch.device("cuda")))
     status = ue.backends()
     assert set(status) == {"torch", "cpu", "cuda", "triton"} and status["torch"].available
     for name in ("cuda", "triton"):
