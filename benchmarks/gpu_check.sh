@@ -133,6 +133,8 @@ if [ "$STAGE" = 1 ]; then
     -m "not slow" tests/test_cuda_kernels.py || status=1
   run_tests "$(at_most 90)" "row ops on the GPU backends + Triton's own tests" $WORKERS \
     -m "not slow" -k "$GPU_IDS" $OP_FILES tests/test_triton_kernels.py || status=1
+  run_tests "$(at_most 40)" "no host sync, CUDA graph capture (tests/test_no_host_sync.py, GPU cases)" \
+    -k "gpu" tests/test_no_host_sync.py || status=1
 else
   run_tests "$(at_most 240)" "the whole suite (slow tests too: a GPU has the memory)" $WORKERS \
     --durations=10 tests || status=1
