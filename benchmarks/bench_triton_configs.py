@@ -53,7 +53,7 @@ def timed(kernels, kind, op, logits, teachers, labels, params, stats, grad):
     if kind == "forward":
         fn = lambda: kernels.forward(op, logits, *teachers, labels, params)  # noqa: E731
     elif kind == "forward+grad":
-        fn = lambda: kernels.forward_with_grad(op, logits, *teachers, labels, params, grad, 1.0)  # noqa: E731
+        fn = lambda: kernels.forward_with_grad(op, logits, *teachers, labels, params, grad, torch.ones((), device=logits.device))  # noqa: E731
     else:
         ones = torch.ones(logits.shape[0], device=logits.device)
         fn = lambda: kernels.backward(op, logits, *teachers, labels, stats, ones, params, grad)  # noqa: E731

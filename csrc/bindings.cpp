@@ -46,20 +46,32 @@ struct Cpu {
     check_label_range(a);
     run_rows(a, cpu::kernels().backward);
   }
+  static void set_grad_scale(RowArgs& a, const at::Tensor& scale) { a.grad_scale = scale.item<double>(); }
 };
+
+// grad *= scale, unless scale is 1 (on the CPU reading it costs nothing).
+void scale_grad(at::Tensor grad, const at::Tensor& scale) {
+  TORCH_CHECK_VALUE(scale.numel() == 1 && scale.device() == grad.device(), "unlearn_ext: scale must be one element on the device of grad");
+  const double s = scale.item<double>();
+  if (s != 1.0) grad.mul_(s);
+}
 
 }  // namespace
 
 TORCH_LIBRARY(unlearn_ext, m) {
   m.def("row_loss_forward(str op, Tensor logits, Tensor? teacher, Tensor? teacher2, Tensor? labels, int ignore_index, float[] params) -> (Tensor, Tensor)");
-  m.def("row_loss_forward_with_grad(str op, Tensor logits, Tensor? teacher, Tensor? teacher2, Tensor? labels, int ignore_index, float[] params, Tensor(a!) grad, float grad_scale) -> (Tensor, Tensor)");
+  m.def("row_loss_forward_with_grad(str op, Tensor logits, Tensor? teacher, Tensor? teacher2, Tensor? labels, int ignore_index, float[] params, Tensor(a!) grad, Tensor grad_scale) -> (Tensor, Tensor)");
   m.def("row_loss_backward(str op, Tensor logits, Tensor? teacher, Tensor? teacher2, Tensor? labels, Tensor stats, Tensor grad_rows, int ignore_index, float[] params, Tensor(a!) grad) -> ()");
+  // The fused path's backward: grad *= scale (the upstream gradient), a no-op when it is 1,
+  // decided on the device.
+  m.def("scale_grad(Tensor(a!) grad, Tensor scale) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(unlearn_ext, CPU, m) {
   m.impl("row_loss_forward", &RowOps<Cpu>::forward);
   m.impl("row_loss_forward_with_grad", &RowOps<Cpu>::forward_with_grad);
   m.impl("row_loss_backward", &RowOps<Cpu>::backward);
+  m.impl("scale_grad", &scale_grad);
 }
 
 }  // namespace unlearn_ext

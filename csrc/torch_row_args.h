@@ -155,10 +155,20 @@ inline RowView grad_view(const at::Tensor& grad, const at::Tensor& logits) {
   return v;
 }
 
+// The fused path's grad_scale: one element on the device of the logits, as float64 (a
+// float64 gradient needs it; a GPU kernel reads it from device memory, no host sync).
+inline at::Tensor check_grad_scale(const at::Tensor& grad_scale, const at::Tensor& logits) {
+  TORCH_CHECK_VALUE(grad_scale.numel() == 1, "unlearn_ext: grad_scale must have one element, got ", grad_scale.numel());
+  TORCH_CHECK_VALUE(grad_scale.device() == logits.device(), "unlearn_ext: grad_scale is on ", grad_scale.device(), " but logits are on ", logits.device());
+  TORCH_CHECK_TYPE(grad_scale.is_floating_point(), "unlearn_ext: grad_scale must be a floating-point tensor, got ", grad_scale.scalar_type());
+  return grad_scale.to(at::kDouble).contiguous();
+}
+
 // Allocates a forward's outputs (values, stats) and points the call at them; with a
-// gradient buffer (the fused path) the kernel also writes the gradient, times grad_scale.
+// gradient buffer (the fused path) the kernel also writes the gradient, times grad_scale
+// (already in a.grad_scale or a.grad_scale_device: the backend's Guard put it there).
 inline std::tuple<at::Tensor, at::Tensor> attach_forward_outputs(RowArgs& a, const at::Tensor& logits,
-                                                                 const at::Tensor* grad, double grad_scale) {
+                                                                 const at::Tensor* grad) {
   const auto opts = logits.options().dtype(compute_dtype(logits));
   at::Tensor values = new_output({a.rows}, opts);
   at::Tensor stats = new_output({a.rows, kNumStats}, opts);
@@ -167,7 +177,6 @@ inline std::tuple<at::Tensor, at::Tensor> attach_forward_outputs(RowArgs& a, con
   if (grad != nullptr) {
     a.grad = grad_view(*grad, logits);
     a.write_grad = true;
-    a.grad_scale = grad_scale;
   }
   return {values, stats};
 }
@@ -189,7 +198,10 @@ inline void attach_backward_args(RowArgs& a, const at::Tensor& logits, const at:
 // describe, run. The backend supplies
 //   Guard      constructed from the logits before anything else: checks their device and
 //              holds whatever the kernels need (the CUDA binding: a device guard);
-//   forward(a), backward(a)   which run its kernels on a checked RowArgs.
+//   forward(a), backward(a)   which run its kernels on a checked RowArgs;
+//   set_grad_scale(a, s)      points a at the fused path's grad_scale s (a checked float64
+//                             tensor of one element on the device): the CPU reads it, a
+//                             GPU kernel reads it from device memory.
 template <class Backend>
 struct RowOps {
   static std::tuple<at::Tensor, at::Tensor> forward(const std::string& op, const at::Tensor& logits,
@@ -197,14 +209,14 @@ struct RowOps {
                                                     const c10::optional<at::Tensor>& teacher2,
                                                     const c10::optional<at::Tensor>& labels, int64_t ignore_index,
                                                     c10::ArrayRef<double> params) {
-    return run_forward(op, logits, teacher, teacher2, labels, ignore_index, params, nullptr, 1.0);
+    return run_forward(op, logits, teacher, teacher2, labels, ignore_index, params, nullptr, nullptr);
   }
 
   static std::tuple<at::Tensor, at::Tensor> forward_with_grad(
       const std::string& op, const at::Tensor& logits, const c10::optional<at::Tensor>& teacher,
       const c10::optional<at::Tensor>& teacher2, const c10::optional<at::Tensor>& labels, int64_t ignore_index,
-      c10::ArrayRef<double> params, at::Tensor grad, double grad_scale) {
-    return run_forward(op, logits, teacher, teacher2, labels, ignore_index, params, &grad, grad_scale);
+      c10::ArrayRef<double> params, at::Tensor grad, const at::Tensor& grad_scale) {
+    return run_forward(op, logits, teacher, teacher2, labels, ignore_index, params, &grad, &grad_scale);
   }
 
   static void backward(const std::string& op, const at::Tensor& logits, const c10::optional<at::Tensor>& teacher,
@@ -223,10 +235,15 @@ struct RowOps {
                                                         const c10::optional<at::Tensor>& teacher2,
                                                         const c10::optional<at::Tensor>& labels,
                                                         int64_t ignore_index, c10::ArrayRef<double> params,
-                                                        const at::Tensor* grad, double grad_scale) {
+                                                        const at::Tensor* grad, const at::Tensor* grad_scale) {
     const typename Backend::Guard guard(logits);
     RowCall call = make_row_call(op, logits, teacher, teacher2, labels, ignore_index, params);
-    auto outputs = attach_forward_outputs(call.args, logits, grad, grad_scale);
+    at::Tensor scale;  // kept alive while the kernels may read it
+    if (grad_scale != nullptr) {
+      scale = check_grad_scale(*grad_scale, logits);
+      Backend::set_grad_scale(call.args, scale);
+    }
+    auto outputs = attach_forward_outputs(call.args, logits, grad);
     Backend::forward(call.args);
     return outputs;
   }

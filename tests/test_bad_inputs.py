@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import unlearn_ext as ue
+from unlearn_ext._backends import resolve
 from unlearn_ext.ops._row_loss import RowParams
 
 from conftest import BACKEND_DEVICES
@@ -58,8 +59,8 @@ def raw_cases(device="cpu"):
         params = params or RowParams(IGNORE, inv_t, alpha, gamma, **options).scalars()
         return lambda: ops.row_loss_forward(op, logits, teacher, teacher2, labels, IGNORE, params)
 
-    def fwd_grad(g, op="cross_entropy", logits=x, labels=y):
-        return lambda: ops.row_loss_forward_with_grad(op, logits, None, None, labels, IGNORE, default, g, 1.0)
+    def fwd_grad(g, op="cross_entropy", logits=x, labels=y, scale=torch.ones(())):
+        return lambda: ops.row_loss_forward_with_grad(op, logits, None, None, labels, IGNORE, default, g, scale)
 
     def bwd(st=stats, gr=grad_rows, g=grad, labels=y, op="cross_entropy", logits=x, teacher=None):
         return lambda: ops.row_loss_backward(op, logits, teacher, None, labels, st, gr, IGNORE, default, g)
@@ -120,6 +121,9 @@ def raw_cases(device="cpu"):
         ("grad rows overlap", "ValueError", ["grad", "share memory"],
          fwd_grad(torch.empty(N * V).as_strided((N, V), (1, 1)))),
         ("grad on meta", "ValueError", ["grad", "meta"], fwd_grad(torch.empty(N, V, device="meta"))),
+        ("grad_scale two elements", "ValueError", ["grad_scale", "one element"], fwd_grad(grad, scale=torch.ones(2))),
+        ("grad_scale int", "TypeError", ["grad_scale", "floating"], fwd_grad(grad, scale=torch.ones((), dtype=torch.long))),
+        ("grad_scale on meta", "ValueError", ["grad_scale", "meta"], fwd_grad(grad, scale=torch.ones((), device="meta"))),
         ("stats rows", "ValueError", ["stats"], bwd(st=torch.zeros(N + 1, 5))),
         ("stats width", "ValueError", ["stats"], bwd(st=torch.zeros(N, 4))),
         ("stats dtype", "ValueError", ["stats"], bwd(st=torch.zeros(N, 5, dtype=torch.float64))),
@@ -305,8 +309,12 @@ def test_backend_selection_bad_inputs(monkeypatch):
     monkeypatch.setenv("UNLEARN_EXT_BACKEND", "bogus")
     expect(ValueError, ["UNLEARN_EXT_BACKEND", "bogus"], lambda: ue.cross_entropy(x, y))
     monkeypatch.delenv("UNLEARN_EXT_BACKEND")
-    expect(ValueError, ["cpu backend takes CPU tensors", "meta"],
-           lambda: ue.cross_entropy(x.to("meta"), y.to("meta"), backend="cpu"))
+    # Meta tensors (shapes only) run the fake kernels on any backend (tests/test_no_host_sync.py);
+    # mixed with real ones they are refused.
+    assert ue.cross_entropy(x.to("meta"), y.to("meta"), backend="cpu").is_meta
+    expect(ValueError, ["labels", "meta"], lambda: ue.cross_entropy(x.to("meta"), y, backend="cpu"))
+    expect(ValueError, ["cpu backend takes CPU tensors", "cuda"],
+           lambda: resolve("cpu", torch.device("cuda")))
     status = ue.backends()
     assert set(status) == {"torch", "cpu", "cuda", "triton"} and status["torch"].available
     for name in ("cuda", "triton"):

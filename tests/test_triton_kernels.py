@@ -63,8 +63,9 @@ def _compile(kernel, constexprs, num_warps):
     from triton.compiler import ASTSource
 
     pointers = {"S": "*bf16", "T": "*fp32", "T2": "*fp32", "G": "*bf16", "LABELS": "*i64", "VALUES": "*fp32",
-                "STATS": "*fp32", "GRAD_ROWS": "*fp32"}
-    floats = ("inv_t", "alpha", "gamma", "grad_scale")
+                "STATS": "*fp32", "GRAD_ROWS": "*fp32", "GRAD_SCALE": "*fp32"}
+    floats = ("inv_t", "alpha", "gamma", "softcap", "smoothing", "smoothing_per_elem", "z_scale", "beta",
+              "one_minus_beta")
     signature = {name: "constexpr" if name in constexprs else pointers.get(name, "fp32" if name in floats else "i32")
                  for name in kernel.arg_names}
     return triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),

@@ -45,8 +45,13 @@ class TorchOpKernels:
                                                       p.scalars())
 
     def forward_with_grad(self, op, logits, teacher, teacher2, labels, p, grad, grad_scale):
+        """grad_scale: a one-element tensor on the logits' device (read there by GPU kernels)."""
         return torch.ops.unlearn_ext.row_loss_forward_with_grad(
             op, logits, teacher, teacher2, labels, p.ignore_index, p.scalars(), grad, grad_scale)
+
+    def scale_grad(self, grad, g):
+        """grad *= g, a no-op when g == 1, decided on the device."""
+        torch.ops.unlearn_ext.scale_grad(grad, g)
 
     def backward(self, op, logits, teacher, teacher2, labels, stats, grad_rows, p, grad):
         torch.ops.unlearn_ext.row_loss_backward(
@@ -128,10 +133,8 @@ def backends() -> dict[str, BackendStatus]:
 
 
 _LOADED = _load_extensions()
-# Every kernel backend can write the gradient during the forward (sum/mean). The autograd
-# Function takes that path on CPU tensors only (see RowLossFunction.forward): on a GPU it
-# would need host synchronisations (the mean's divisor, and whether the upstream gradient is
-# 1 so that the backward can skip its scaling pass), which DESIGN.md rules out.
+# Every kernel backend writes the gradient during the forward (sum/mean), on every device:
+# the mean's divisor and the upstream gradient are read on the device (no host sync).
 _KERNELS = {"cpu": TorchOpKernels("cpu", fuses_grad=True), "cuda": TorchOpKernels("cuda", fuses_grad=True)}
 if _LOADED["triton"][0] is not None:
     _KERNELS["triton"] = _LOADED["triton"][0].KERNELS
@@ -143,6 +146,8 @@ def _kernels(name: str):
 
 def _runs_on(name: str, device: torch.device) -> str | None:
     """Why backend `name` cannot take tensors on `device`, or None if it can."""
+    if device.type == "meta":  # shapes only: the fake kernels (_fake_ops.py) stand in for any backend
+        return None
     if name == "cpu" and device.type != "cpu":
         return f"the cpu backend takes CPU tensors, got {device}"
     if name == "cuda" and device.type != "cuda":

@@ -37,11 +37,16 @@ def register_fakes() -> None:
 
     @torch.library.register_fake("unlearn_ext::row_loss_forward_with_grad")
     def _forward_with_grad(op, logits, teacher, teacher2, labels, ignore_index, params, grad, grad_scale):
-        _check_devices(logits, teacher=teacher, teacher2=teacher2, labels=labels, grad=grad)
+        _check_devices(logits, teacher=teacher, teacher2=teacher2, labels=labels, grad=grad, grad_scale=grad_scale)
         return _outputs(op, logits)
 
     @torch.library.register_fake("unlearn_ext::row_loss_backward")
     def _backward(op, logits, teacher, teacher2, labels, stats, grad_rows, ignore_index, params, grad):
         _check_devices(logits, teacher=teacher, teacher2=teacher2, labels=labels, stats=stats, grad_rows=grad_rows,
                        grad=grad)
+        return None
+
+    @torch.library.register_fake("unlearn_ext::scale_grad")
+    def _scale_grad(grad, scale):
+        _check_devices(grad, scale=scale)
         return None

@@ -53,7 +53,8 @@ struct RowArgs {
   const void* grad_rows = nullptr;  // backward: upstream gradient per row
   RowView grad;                     // gradient out (same dtype as the student); may alias it
   bool write_grad = false;          // forward: also write the gradient (fused path)
-  double grad_scale = 1.0;          // fused path: upstream gradient of every row
+  double grad_scale = 1.0;          // fused path: upstream gradient of every row, on the host
+  const double* grad_scale_device = nullptr;  // ... or in device memory (GPUs: no host sync)
 };
 
 // The schemas' `float[] params` (unlearn_ext/ops/_row_loss.py, RowParams.scalars): one
@@ -83,6 +84,11 @@ UE_HD RowConsts<T> consts_of(const RowArgs& a) {
   c.beta = static_cast<T>(a.beta);
   c.one_minus_beta = static_cast<T>(1.0 - a.beta);
   return c;
+}
+
+// The fused path's upstream gradient, read where the binding left it.
+UE_HD double fused_grad_scale(const RowArgs& a) {
+  return a.grad_scale_device != nullptr ? *a.grad_scale_device : a.grad_scale;
 }
 
 // True when row r is skipped: loss 0, gradient exactly 0.

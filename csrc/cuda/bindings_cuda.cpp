@@ -4,7 +4,8 @@
 // code the CPU binding uses too (RowOps in torch_row_args.h).
 //
 // Labels are not range-checked here (that would copy them to the host): the Python layer
-// checks them, and a kernel that meets a needed label outside [0, V) writes NaN for its row.
+// checks them on the device (torch._assert_async), and a kernel that meets a needed label
+// outside [0, V) writes NaN for its row.
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -14,6 +15,7 @@
 #include <torch/library.h>
 
 #include "cuda/row_kernels.h"
+#include "cuda/scale_kernel.h"
 #include "torch_row_args.h"
 
 namespace unlearn_ext {
@@ -36,7 +38,22 @@ struct Cuda {
   };
   static void forward(const RowArgs& a) { launch(&cuda::launch_row_forward, a); }
   static void backward(const RowArgs& a) { launch(&cuda::launch_row_backward, a); }
+  // The kernel reads the scale from device memory: no copy to the host.
+  static void set_grad_scale(RowArgs& a, const at::Tensor& scale) { a.grad_scale_device = scale.data_ptr<double>(); }
 };
+
+// grad *= scale with the scale read on the device (a no-op kernel when it is 1).
+void scale_grad(at::Tensor grad, const at::Tensor& scale) {
+  TORCH_CHECK_VALUE(grad.is_cuda() && scale.numel() == 1 && scale.device() == grad.device(), "unlearn_ext: scale must be one element on the device of grad");
+  const c10::cuda::CUDAGuard device(grad.device());
+  const at::Tensor s = scale.to(at::kDouble).contiguous();
+  if (!grad.is_contiguous()) {  // not a buffer of ours: no skip, still no host sync
+    grad.mul_(s);
+    return;
+  }
+  C10_CUDA_CHECK(cuda::launch_scale(grad.data_ptr(), to_dtype(grad, "grad"), grad.numel(), s.data_ptr<double>(),
+                                    c10::cuda::getCurrentCUDAStream().stream()));
+}
 
 }  // namespace
 
@@ -44,6 +61,7 @@ TORCH_LIBRARY_IMPL(unlearn_ext, CUDA, m) {
   m.impl("row_loss_forward", &RowOps<Cuda>::forward);
   m.impl("row_loss_forward_with_grad", &RowOps<Cuda>::forward_with_grad);
   m.impl("row_loss_backward", &RowOps<Cuda>::backward);
+  m.impl("scale_grad", &scale_grad);
 }
 
 }  // namespace unlearn_ext

@@ -129,7 +129,7 @@ __global__ void __launch_bounds__(kMaxThreads) row_forward_kernel(const __grid_c
       for (int k = 0; k < kNumStats; ++k) stats_out[r * kNumStats + k] = stats[k];
     }
     if (a.write_grad) {
-      const T g = row_grad_factor<op, T>(p, static_cast<T>(a.grad_scale * a.inv_temperature));
+      const T g = row_grad_factor<op, T>(p, static_cast<T>(fused_grad_scale(a) * a.inv_temperature));
       thread_grad<op, T, P>(a, p, q, tid, nthreads, g, stats, tile, tile_cached);
     }
   }

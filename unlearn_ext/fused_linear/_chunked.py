@@ -7,9 +7,10 @@ accumulation), ``d_bias += Σ G`` are taken before the next chunk. Peak extra me
 chunk of logits (and its teacher chunks) plus the weight-gradient accumulator, whatever N.
 
 Three ways to get the upstream gradient of a chunk's rows:
-* a constant known before the loss (``sum``/``mean``): the gradient is formed in the
-  forward (kernels that fuse it write it during their one walk over a row), the backward
-  only scales it by the caller's gradient;
+* a constant known before the loss (``sum``/``mean``, a one-element tensor on the device:
+  the mean's divisor is never read on the host): the gradient is formed in the forward
+  (kernels that fuse it write it during their one walk over a row), the backward only
+  scales it by the caller's gradient, on the device (nothing when it is 1);
 * a function of the chunk's own per-row values (sequence losses whose chunks hold whole
   sequences, e.g. NPO): values first, then the gradient, still in the forward;
 * a per-row tensor known only in the backward (``reduction="none"``): the forward keeps
@@ -24,11 +25,14 @@ from typing import Callable, Union
 import torch
 from torch.autograd.function import once_differentiable
 
+from ..ops._checks import tracing
+from ..ops._grad_scale import scale_grad_
 from ..ops._row_loss import RowParams, new_grad_buffer
 from ._inputs import LMHeadInputs, Rows
 
-# A chunk's upstream gradient: a constant, or rows' gradients from (values, start, stop).
-Upstream = Union[float, Callable[[torch.Tensor, int, int], torch.Tensor], None]
+# A chunk's upstream gradient: a constant (one-element tensor), or rows' gradients from
+# (values, start, stop).
+Upstream = Union[torch.Tensor, Callable[[torch.Tensor, int, int], torch.Tensor], None]
 
 # Fewest rows per chunk. Each chunk's matmuls pass over the whole [V, H] weight (the BLAS
 # packs it for every call) and the float32 weight-gradient accumulator: rows·2 flop per
@@ -62,6 +66,7 @@ class ChunkPlan:
     teachers: tuple[LMHeadInputs, ...]  # detached
     softcap: float | None
     value_dtype: torch.dtype  # float64 for float64 hidden, else float32
+    counted_rows: int | torch.Tensor  # rows whose label counts: the mean's divisor (a device tensor off the CPU)
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -89,18 +94,19 @@ def _teacher_logits(plan: ChunkPlan, start: int, stop: int) -> list[torch.Tensor
 
 
 def _reference_rows(plan, z, teachers, labels, upstream, start, stop):
-    """The torch backend: the reference op on the chunk, its gradient by autograd."""
+    """The torch backend: the reference op on the chunk, its gradient by torch.func.vjp
+    (which torch.compile traces; torch.autograd.grad would break the graph)."""
     if upstream is None:
         return plan.reference_fn(z, *teachers, labels), None
-    with torch.enable_grad():
-        leaf = z.detach().requires_grad_(True)
-        values = plan.reference_fn(leaf, *teachers, labels)
-        if callable(upstream):
-            grad_rows = upstream(values.detach(), start, stop)
-        else:
-            grad_rows = torch.full_like(values, upstream)
-        (grad,) = torch.autograd.grad(values, leaf, grad_rows)
-    return values.detach(), grad
+    values, vjp = torch.func.vjp(lambda x: plan.reference_fn(x, *teachers, labels), z.detach())
+    grad_rows = upstream(values, start, stop) if callable(upstream) else _constant_rows(upstream, values)
+    (grad,) = vjp(grad_rows.to(values.dtype))
+    return values, grad
+
+
+def _constant_rows(upstream: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The constant upstream gradient as one entry per row (an expanded view)."""
+    return upstream.to(values.dtype).reshape(()).expand(values.shape)
 
 
 def _chunk_rows(plan: ChunkPlan, z, teachers, labels, upstream: Upstream, start: int, stop: int):
@@ -119,7 +125,7 @@ def _chunk_rows(plan: ChunkPlan, z, teachers, labels, upstream: Upstream, start:
     if callable(upstream):
         grad_rows = upstream(values, start, stop).to(stats.dtype).contiguous()
     else:
-        grad_rows = torch.full_like(values, upstream)
+        grad_rows = _constant_rows(upstream, values).contiguous()
     k.backward(plan.op, z, t1, t2, labels, stats, grad_rows, plan.params, z)
     return values, z
 
@@ -131,6 +137,8 @@ def _mixed_addmm_works(device: torch.device) -> bool:
     """Whether addmm takes bf16/fp16 factors into a float32 accumulator in place
     (``out_dtype``, CUDA in recent torch); checked once per device type on a tiny case."""
     if device.type not in _MIXED_ADDMM:
+        if device.type == "meta" or tracing():  # nothing to measure now: the slab loop, always right
+            return False
         try:
             a = torch.randn(8, 16, device=device)
             b = torch.randn(16, 4, device=device)
@@ -224,10 +232,10 @@ class FusedLinearLoss(torch.autograd.Function):
         plan = ctx.plan
         if ctx.objective is not None:
             grads, ctx.grads = ctx.grads, None
-            if bool(grad_out != 1):  # the forward formed the gradients for an upstream gradient of 1
-                for g in (grads.hidden, grads.weight, grads.bias):
-                    if g is not None:
-                        g.mul_(grad_out.to(g.dtype))
+            # The forward formed the gradients for an upstream gradient of 1.
+            for g in (grads.hidden, grads.weight, grads.bias):
+                if g is not None:
+                    scale_grad_(plan.kernels, g, grad_out)
         else:
             hidden, weight, bias = ctx.saved_tensors
             grad_rows = plan.rows.gather(grad_out).to(plan.value_dtype)

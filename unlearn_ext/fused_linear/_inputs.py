@@ -54,10 +54,11 @@ def _check_tensor(x, name: str) -> None:
         raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
 
 
-def check_head(head, name: str, *, like: LMHeadInputs | None = None) -> LMHeadInputs:
+def check_head(head, name: str, *, like: LMHeadInputs | None = None, mixed_dtypes: bool = False) -> LMHeadInputs:
     """Validates an LM head. ``name`` prefixes the argument names in errors (``""`` for the
     student: hidden, weight, …; ``"teacher"``: teacher.hidden, …). ``like``: the student,
-    whose rows, vocabulary and device a teacher must share."""
+    whose rows, vocabulary and device a teacher must share. ``mixed_dtypes``: under
+    autocast, weight and bias may differ from hidden (autocast_heads casts them)."""
     if not isinstance(head, tuple) or not 2 <= len(head) <= 4:
         raise TypeError(f"{name} must be an LMHeadInputs or a (hidden, weight[, bias[, softcap]]) tuple, "
                         f"got {type(head).__name__}")
@@ -73,7 +74,7 @@ def check_head(head, name: str, *, like: LMHeadInputs | None = None) -> LMHeadIn
                          f"of {arg('hidden')}), got {tuple(weight.shape)}")
     if weight.shape[0] == 0:
         raise ValueError(f"{arg('weight')} has an empty vocabulary dimension (V = 0)")
-    if weight.dtype != hidden.dtype:
+    if weight.dtype != hidden.dtype and not mixed_dtypes:
         raise TypeError(f"{arg('weight')} must have the dtype of {arg('hidden')} ({hidden.dtype}), got {weight.dtype}")
     if weight.device != hidden.device:
         raise ValueError(f"{arg('weight')} is on {weight.device} but {arg('hidden')} is on {hidden.device}")
@@ -81,7 +82,7 @@ def check_head(head, name: str, *, like: LMHeadInputs | None = None) -> LMHeadIn
         _check_tensor(bias, arg("bias"))
         if bias.shape != weight.shape[:1]:
             raise ValueError(f"{arg('bias')} must have shape [V] = ({weight.shape[0]},), got {tuple(bias.shape)}")
-        if bias.dtype != hidden.dtype or bias.device != hidden.device:
+        if (bias.dtype != hidden.dtype and not mixed_dtypes) or bias.device != hidden.device:
             raise TypeError(f"{arg('bias')} must have the dtype and device of {arg('hidden')} "
                             f"({hidden.dtype}, {hidden.device}), got {bias.dtype}, {bias.device}")
     if softcap is not None:
@@ -124,7 +125,7 @@ def autocast_heads(heads: list[LMHeadInputs]) -> list[LMHeadInputs]:
     cast: dict[int, torch.Tensor] = {}
 
     def to(x):
-        if x is None or x.dtype == dtype:
+        if x is None or x.dtype == dtype or x.dtype == torch.float64:  # autocast leaves float64 alone
             return x
         if id(x) not in cast:
             cast[id(x)] = x.to(dtype)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ..ops._checks import check_finite
+from ..ops._checks import check_finite, host_reads_are_free
 from ..ops.sequence import _check_seq_index, check_ref_logprob, sum_per_sequence
 from ._inputs import Rows
 from ._plan import apply, prepare
@@ -37,12 +37,20 @@ def fused_linear_sequence_logprob(hidden, weight, labels, seq_index=None, num_se
 
 class _SequenceChunks:
     """Reads rows sequence by sequence, in chunks of whole sequences when they fit (the
-    ``arrange`` of a plan), and is then the objective: the mean over the sequences read of
-    per_sequence(ℓ_b, |y_b|, b), with each chunk's upstream gradient from its own rows."""
+    ``arrange`` of a plan), and is then the objective: the mean over the sequences with
+    answer tokens of per_sequence(ℓ_b, |y_b|, b), with each chunk's upstream gradient from
+    its own rows.
 
-    def __init__(self, hidden, labels, seq_index, num_sequences, per_sequence, check_num_sequences=None):
+    On eager CPU tensors the sequences' lengths are read on the host (free), only answer
+    rows are read, and packed sequences are sorted when out of order. Elsewhere (GPUs,
+    torch.compile) nothing is read on the host: [B, T, H] input reads every row, B
+    sequences of T rows (ignored rows give 0); packed rows take the two-pass path."""
+
+    def __init__(self, hidden, labels, seq_index, num_sequences, per_sequence, ignore_index,
+                 check_num_sequences=None):
         self.hidden, self.labels, self.seq_index, self.num_sequences = hidden, labels, seq_index, num_sequences
         self.per_sequence, self.check_num_sequences = per_sequence, check_num_sequences
+        self.ignore_index = ignore_index
         self.aligned = False
 
     def _sequences(self):
@@ -60,15 +68,34 @@ class _SequenceChunks:
         seq_of_row, packed, num_sequences = self._sequences()
         if self.check_num_sequences is not None:
             self.check_num_sequences(num_sequences)
+        if not host_reads_are_free(self.hidden):
+            return self._arrange_on_device(index, count, chunk, packed)
         rows = index if index is not None else torch.arange(count, device=seq_of_row.device)
         seq = seq_of_row[rows]
         if packed and count > 1 and not bool((seq[1:] >= seq[:-1]).all()):
             order = torch.sort(seq, stable=True).indices
             rows, seq, index = rows[order], seq[order], rows[order]
         self.ids, self.position, self.lengths = torch.unique_consecutive(seq, return_inverse=True, return_counts=True)
+        self.used = self.ids.numel()
         sizes = self.lengths.tolist()
         if max(sizes, default=0) > chunk:  # a sequence longer than a chunk: two passes
             return index, Rows.even_bounds(count, chunk)
+        return index, self._align(sizes, chunk)
+
+    def _arrange_on_device(self, index, count, chunk, packed):
+        """Every row in order (index is None here): B sequences of T rows, sizes known from
+        the shape; their answer lengths stay on the device."""
+        if packed or self.hidden.shape[1] > chunk:
+            return index, Rows.even_bounds(count, chunk)
+        batch, steps = self.hidden.shape[:2]
+        self.ids = torch.arange(batch, device=self.hidden.device)
+        self.position = torch.arange(batch * steps, device=self.hidden.device) // max(steps, 1)
+        self.lengths = (self.labels != self.ignore_index).reshape(batch, steps).sum(-1)
+        self.used = (self.lengths > 0).sum().clamp(min=1)
+        return index, self._align([steps] * batch, chunk)
+
+    def _align(self, sizes, chunk):
+        """Chunk bounds at sequence boundaries, and each chunk's first and last sequence."""
         self.aligned = True
         bounds, self.chunk_sequences, start, first, size = [], {}, 0, 0, 0
         for j, n in enumerate(sizes + [chunk + 1]):  # the sentinel closes the last chunk
@@ -77,11 +104,13 @@ class _SequenceChunks:
                 self.chunk_sequences[start] = (first, j)
                 start, first, size = start + size, j, 0
             size += n
-        return index, bounds
+        return bounds
 
     def _loss(self, logprob, first, last):
+        """The share of sequences first:last in the mean over sequences with answer tokens."""
         ids, lengths = self.ids[first:last], self.lengths[first:last]
-        return self.per_sequence(logprob, lengths.to(logprob.dtype), ids).sum() / max(self.ids.numel(), 1)
+        per_seq = self.per_sequence(logprob, lengths.clamp(min=1).to(logprob.dtype), ids)
+        return torch.where(lengths > 0, per_seq, torch.zeros_like(per_seq)).sum() / max_one(self.used)
 
     def __call__(self, values):
         logprob = values.new_zeros(self.ids.numel()).index_add_(0, self.position, values)
@@ -90,16 +119,20 @@ class _SequenceChunks:
     def upstream(self, values, start, stop):
         first, last = self.chunk_sequences[start]
         local = self.position[start:stop] - first
-        with torch.enable_grad():
-            logprob = values.new_zeros(last - first).index_add_(0, local, values.detach()).requires_grad_(True)
-            (grad,) = torch.autograd.grad(self._loss(logprob, first, last), logprob)
-        return grad[local]
+        logprob = values.new_zeros(last - first).index_add_(0, local, values.detach())
+        # torch.func.grad, not torch.autograd.grad: torch.compile traces it.
+        return torch.func.grad(lambda lp: self._loss(lp, first, last))(logprob)[local]
+
+
+def max_one(n):
+    return n if isinstance(n, torch.Tensor) else max(n, 1)
 
 
 def _sequence_mean(hidden, weight, labels, seq_index, num_sequences, per_sequence, *, bias, softcap, ignore_index,
                    backend, chunk_size, check_num_sequences=None):
     """Mean over sequences with answer tokens of per_sequence(ℓ_b, |y_b|, b)."""
-    chunks = _SequenceChunks(hidden, labels, seq_index, num_sequences, per_sequence, check_num_sequences)
+    chunks = _SequenceChunks(hidden, labels, seq_index, num_sequences, per_sequence, ignore_index,
+                             check_num_sequences)
     student, plan = prepare(
         "token_logprob", (hidden, weight, bias, softcap), (), labels, labels_required=True,
         reference_fn=lambda x, y: reference.token_logprob(x, y, ignore_index=ignore_index),

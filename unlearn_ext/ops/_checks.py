@@ -17,6 +17,13 @@ def tracing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def host_reads_are_free(t: torch.Tensor) -> bool:
+    """True when reading a value of t on the host costs no synchronisation and breaks no
+    trace: an eager CPU tensor. Elsewhere (GPUs, torch.compile, CUDA-graph capture, meta
+    tensors) the code must take its data-independent path."""
+    return t.device.type == "cpu" and not tracing()
+
+
 def check_logits(logits, name: str = "logits") -> None:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
@@ -54,10 +61,16 @@ def check_labels(labels, logits: torch.Tensor, ignore_index: int, required: bool
     if labels.device != logits.device:
         raise ValueError(f"labels are on {labels.device} but logits are on {logits.device}")
     flat = labels.reshape(-1).to(torch.int64)
-    if not tracing() and flat.numel() > 0 and not flat.is_meta:  # meta tensors hold no values to check
+    if flat.numel() > 0:
         vocab = logits.shape[-1]
         bad = (flat != ignore_index) & ((flat < 0) | (flat >= vocab))
-        if bool(bad.any()):
+        if flat.device.type != "cpu":
+            # No host synchronisation on GPUs: a device-side assert (also under CUDA-graph
+            # capture and torch.compile; a no-op on meta tensors); the kernels also write
+            # NaN for such a row.
+            torch._assert_async(~bad.any(), f"unlearn_ext: labels hold a value outside [0, {vocab}) "
+                                            f"that is not ignore_index ({ignore_index})")
+        elif not tracing() and bool(bad.any()):  # free on the CPU; compiled, the C++ kernels check
             first = int(flat[bad][0])
             raise ValueError(f"labels hold {first}, outside [0, {vocab}) and not ignore_index ({ignore_index})")
     return flat

@@ -37,7 +37,9 @@ _MADVISE = _madvise()
 def advise_huge_pages(t: torch.Tensor) -> torch.Tensor:
     """Asks for huge pages over the 2 MiB-aligned interior of ``t``'s storage (CPU tensors
     of at least two huge pages); returns ``t``. Only a hint: contents are untouched."""
-    if _MADVISE is None or t.device.type != "cpu":
+    # Under torch.compile the buffer is a FakeTensor without an address: the compiled
+    # graph allocates its own buffers.
+    if _MADVISE is None or t.device.type != "cpu" or torch.compiler.is_compiling():
         return t
     storage = t.untyped_storage()
     start = storage.data_ptr()

@@ -6,9 +6,12 @@ writes the gradient, optionally over the logits. So they share this Function and
 only in the kernel op they name; each op's own file holds its public function, its
 nn.Module and its reference.
 
-Reductions happen inside the Function so that the CPU backend can write the gradient
-during the forward (one walk over a row from memory instead of two). A per-row upstream
-gradient (reduction="none") always goes through the exact backward kernel.
+Reductions happen inside the Function so that the kernels can write the gradient during
+the forward (one walk over a row from memory instead of two) for sum/mean, on every kernel
+backend and device, without a host synchronisation: the mean's divisor stays on the device
+and the kernel reads it there; the backward scales by the upstream gradient on the device
+(nothing when it is 1; see _grad_scale.py). A per-row upstream gradient (reduction="none")
+and inplace_backward go through the exact backward kernel.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from torch.autograd.function import once_differentiable
 from .. import reference
 from .._backends import _kernels, resolve
 from ._checks import check_finite, check_labels, check_logits, check_reduction, check_teacher, tracing
+from ._grad_scale import scale_grad_
 from ._huge_pages import advise_huge_pages
 
 
@@ -70,12 +74,29 @@ def _rows_disjoint(x: torch.Tensor) -> bool:
     return True
 
 
-def _reduce_rows(values, reduction, count):
+def mean_divisor(labels: torch.Tensor | None, ignore_index: int, rows: int) -> torch.Tensor | int:
+    """The divisor of a mean, at least 1: the counted labels as a device tensor (counting
+    them on the host would be a synchronisation), else the number of rows."""
+    if labels is None:
+        return max(rows, 1)
+    return (labels != ignore_index).sum().clamp_(min=1)
+
+
+def grad_scale_tensor(reduction: str, divisor, device: torch.device) -> torch.Tensor:
+    """The fused forward's gradient scale on the device, float64: 1 for a sum, 1/divisor for
+    a mean. torch.full is a fill kernel, not a copy from the host: legal in CUDA-graph capture."""
+    if reduction == "mean" and isinstance(divisor, torch.Tensor):
+        return divisor.to(torch.float64).reciprocal()
+    scale = 1.0 / divisor if reduction == "mean" else 1.0
+    return torch.full((), scale, dtype=torch.float64, device=device)
+
+
+def _reduce_rows(values, reduction, divisor):
     if reduction == "none":
         return values
     if reduction == "sum":
         return values.sum()
-    return values.sum() / count.clamp(min=1)
+    return values.sum() / divisor
 
 
 class RowLossFunction(torch.autograd.Function):
@@ -88,31 +109,27 @@ class RowLossFunction(torch.autograd.Function):
                 backend: str, inplace: bool, return_z_loss: bool = False):
         kernels = _kernels(backend)
         rows = logits.numel() // logits.shape[-1]
-        count = None
-        if reduction == "mean":
-            count = ((labels != params.ignore_index).sum() if labels is not None
-                     else torch.tensor(rows, device=logits.device))
+        divisor = mean_divisor(labels, params.ignore_index, rows) if reduction == "mean" else 1
         ctx.op, ctx.params, ctx.reduction, ctx.backend, ctx.inplace = op, params, reduction, backend, inplace
-        # The fused path (gradient written in the forward) needs the mean's divisor and, in
-        # the backward, whether the upstream gradient is 1 on the host: free for CPU tensors,
-        # a synchronisation for GPU ones. GPUs take the backward kernel instead: no sync, so
-        # eager, CUDA graphs and torch.compile all behave alike.
-        ctx.fused = (reduction != "none" and kernels.fuses_grad and logits.device.type == "cpu"
-                     and ctx.needs_input_grad[0] and not tracing())
+        ctx.divisor = divisor if not isinstance(divisor, torch.Tensor) else None
+        # In place, the gradient is written in the backward, once every forward that reads
+        # the logits has run; the fused path would overwrite them under later readers' feet.
+        ctx.fused = reduction != "none" and kernels.fuses_grad and ctx.needs_input_grad[0] and not inplace
         ctx.scaled = False
         if ctx.fused:
-            grad = logits if inplace else new_grad_buffer(logits)
-            scale = 1.0 / max(int(count), 1) if reduction == "mean" else 1.0
-            values, stats = kernels.forward_with_grad(op, logits, teacher, teacher2, labels, params, grad, scale)
+            grad = new_grad_buffer(logits)
+            values, stats = kernels.forward_with_grad(op, logits, teacher, teacher2, labels, params, grad,
+                                                      grad_scale_tensor(reduction, divisor, logits.device))
             ctx.save_for_backward(grad)
         else:
             values, stats = kernels.forward(op, logits, teacher, teacher2, labels, params)
             if ctx.needs_input_grad[0]:
-                ctx.save_for_backward(logits, teacher, teacher2, labels, stats, count)
-        out = _reduce_rows(values, reduction, count)
+                ctx.save_for_backward(logits, teacher, teacher2, labels, stats,
+                                      divisor if ctx.divisor is None else None)
+        out = _reduce_rows(values, reduction, divisor)
         if not return_z_loss:
             return out.reshape(logits.shape[:-1]) if reduction == "none" else out
-        z = _reduce_rows(params.lse_square_scale * (stats[:, 0] + stats[:, 1]) ** 2, reduction, count)
+        z = _reduce_rows(params.lse_square_scale * (stats[:, 0] + stats[:, 1]) ** 2, reduction, divisor)
         ctx.mark_non_differentiable(z)
         if reduction == "none":
             return out.reshape(logits.shape[:-1]), z.reshape(logits.shape[:-1])
@@ -126,14 +143,15 @@ class RowLossFunction(torch.autograd.Function):
             if ctx.scaled:
                 raise RuntimeError(
                     f"unlearn_ext: {ctx.op} wrote its gradient during the forward (reduction={ctx.reduction!r}) and "
-                    "a first backward scaled it in place; a second backward through the same graph "
-                    "(retain_graph=True) is not supported. Use reduction='none' and reduce the result yourself.")
+                    "a first backward scaled it in place (off the CPU: may have, decided on the device); a second "
+                    "backward through the same graph (retain_graph=True) is not supported. Use reduction='none' "
+                    "and reduce the result yourself.")
             (grad,) = ctx.saved_tensors
-            if bool(g != 1):  # the forward wrote the gradient for an upstream gradient of 1
-                ctx.scaled = True
-                grad.mul_(g)
+            # The forward wrote the gradient for an upstream gradient of 1.
+            ctx.scaled = scale_grad_(_kernels(ctx.backend), grad, g)
             return (grad,) + nones
         logits, teacher, teacher2, labels, stats, count = ctx.saved_tensors
+        count = ctx.divisor if count is None else count
         rows = stats.shape[0]
         g = g.to(stats.dtype)
         if ctx.reduction == "none":
@@ -141,9 +159,13 @@ class RowLossFunction(torch.autograd.Function):
         elif ctx.reduction == "sum":
             grad_rows = g.expand(rows).contiguous()
         else:
-            grad_rows = (g / count.clamp(min=1)).expand(rows).contiguous()
+            grad_rows = (g / count).expand(rows).contiguous()
         grad = logits if ctx.inplace else new_grad_buffer(logits)
         _kernels(ctx.backend).backward(ctx.op, logits, teacher, teacher2, labels, stats, grad_rows, ctx.params, grad)
+        if ctx.inplace:
+            # The kernel wrote through a raw pointer: tell autograd, so that every other
+            # node that saved these logits raises instead of reading a gradient.
+            torch.autograd.graph.increment_version(logits)
         return (grad,) + nones
 
 

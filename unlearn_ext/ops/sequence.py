@@ -33,10 +33,13 @@ def _check_seq_index(seq_index, labels, num_sequences):
     if num_sequences is not None and (isinstance(num_sequences, bool) or not isinstance(num_sequences, int)
                                       or num_sequences < 0):
         raise ValueError(f"num_sequences must be a non-negative int, got {num_sequences!r}")
-    if num_sequences is None:
+    if num_sequences is None:  # a host synchronisation on GPUs: pass num_sequences there
         num_sequences = int(flat.max()) + 1 if flat.numel() else 0
-    elif flat.numel() and not torch.compiler.is_compiling():
-        if int(flat.min()) < 0 or int(flat.max()) >= num_sequences:
+    elif flat.numel():
+        outside = ((flat < 0) | (flat >= num_sequences)).any()
+        if flat.device.type != "cpu":  # no host sync on GPUs: a device-side assert
+            torch._assert_async(~outside, f"unlearn_ext: seq_index must lie in [0, num_sequences={num_sequences})")
+        elif not torch.compiler.is_compiling() and bool(outside):
             raise ValueError(f"seq_index must lie in [0, num_sequences={num_sequences})")
     return flat, num_sequences
 

@@ -10,9 +10,11 @@ import contextlib
 import os
 
 import torch
+import triton
 
 from .configs import blocks_per_program, config
 from .row_kernels import row_backward_kernel, row_forward_kernel
+from .scale_kernel import SCALE_BLOCK, scale_kernel
 from .row_math import NEEDS_LABEL, OP_CODES
 
 NUM_STATS = 5  # per-row statistics, the layout of csrc/common/row_math.h (kNumStats)
@@ -104,7 +106,7 @@ class TritonRowKernels:
         self.config = config
 
     def forward(self, op, logits, teacher, teacher2, labels, p):
-        return self._forward(op, logits, teacher, teacher2, labels, p, None, 1.0)
+        return self._forward(op, logits, teacher, teacher2, labels, p, None, None)
 
     def forward_with_grad(self, op, logits, teacher, teacher2, labels, p, grad, grad_scale):
         return self._forward(op, logits, teacher, teacher2, labels, p, grad, grad_scale)
@@ -118,13 +120,15 @@ class TritonRowKernels:
         if rows == 0:
             return values, stats
         block, warps = self.config("forward", op, vocab, logits.device)
+        # The kernel reads grad_scale (one element on the device) only when it writes the gradient.
+        scale = grad_scale.reshape(1).to(torch.float32) if grad is not None else values
         with _on_device(logits):
             row_forward_kernel[(rows,)](
                 *_inputs(logits, teacher, teacher2, grad), _labels(labels, logits), values, stats,
-                vocab, p.ignore_index, p.inv_temperature, p.alpha, p.gamma, *_scalars(p, vocab),
-                grad_scale * p.inv_temperature, OP=OP_CODES[op], HAS_LABELS=labels is not None,
-                NEEDS_LABEL=op in NEEDS_LABEL, WRITE_GRAD=grad is not None, SOFTCAP=p.softcap > 0, BLOCK=block,
-                num_warps=warps, enable_fp_fusion=FP_FUSION)
+                vocab, p.ignore_index, p.inv_temperature, p.alpha, p.gamma, *_scalars(p, vocab), scale,
+                OP=OP_CODES[op], HAS_LABELS=labels is not None, NEEDS_LABEL=op in NEEDS_LABEL,
+                WRITE_GRAD=grad is not None, SOFTCAP=p.softcap > 0, BLOCK=block, num_warps=warps,
+                enable_fp_fusion=FP_FUSION)
         return values, stats
 
     def backward(self, op, logits, teacher, teacher2, labels, stats, grad_rows, p, grad):
@@ -142,6 +146,18 @@ class TritonRowKernels:
                 *_scalars(p, vocab), per_program, OP=OP_CODES[op], HAS_LABELS=labels is not None,
                 NEEDS_LABEL=op in NEEDS_LABEL, SOFTCAP=p.softcap > 0, BLOCK=block, num_warps=warps,
                 enable_fp_fusion=FP_FUSION)
+
+    def scale_grad(self, grad, g):
+        """grad *= g with g read on the device; every program masks its loads and stores off
+        when g == 1 (no memory traffic, no host sync)."""
+        if not grad.is_contiguous():  # not a buffer of ours: no skip, still no host sync
+            grad.mul_(g)
+            return
+        n = grad.numel()
+        if n == 0:
+            return
+        with _on_device(grad):
+            scale_kernel[(triton.cdiv(n, SCALE_BLOCK),)](grad, n, g.reshape(1).to(torch.float32), BLOCK=SCALE_BLOCK)
 
 
 KERNELS = TritonRowKernels()

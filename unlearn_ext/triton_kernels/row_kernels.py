@@ -87,7 +87,7 @@ def row_forward_kernel(
     G, g_rows, g_inner, g_outer,
     LABELS, VALUES, STATS,
     V, ignore_index, inv_t, alpha, gamma, softcap, smoothing, smoothing_per_elem, z_scale, beta, one_minus_beta,
-    grad_scale,
+    GRAD_SCALE,
     OP: tl.constexpr, HAS_LABELS: tl.constexpr, NEEDS_LABEL: tl.constexpr, WRITE_GRAD: tl.constexpr,
     SOFTCAP: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -146,6 +146,7 @@ def row_forward_kernel(
     tl.store(STATS + r * NUM_STATS + 3, tl.where(keep, stat3, 0.0))
     tl.store(STATS + r * NUM_STATS + 4, tl.where(keep, stat4, 0.0))
     if WRITE_GRAD:
+        grad_scale = tl.load(GRAD_SCALE) * inv_t  # on the device: the mean's divisor is never on the host
         _write_grad(s_row, t_row, t2_row, _row_start(G, r, g_rows, g_inner, g_outer), 0, tl.cdiv(V, BLOCK), V,
                     limit, y, inv_t, alpha, gamma, softcap, smoothing, smoothing_per_elem, z_scale, beta,
                     one_minus_beta, ms0, stat1, stat2, stat3, stat4,
