@@ -4,6 +4,8 @@ Environment variables:
   UNLEARN_EXT_BUILD_CPU=0     skip the C++ CPU extension (pure-Python install: torch backend)
   UNLEARN_EXT_BUILD_CUDA=auto build the CUDA extension when torch has CUDA and nvcc is found;
                         =1    require it (fail if it cannot be built); =0 skip it
+  UNLEARN_EXT_SANITIZE=1      build the C++ CPU extension with AddressSanitizer and
+                              UndefinedBehaviorSanitizer (`make test-sanitize`; not for use)
 """
 import glob
 import os
@@ -18,7 +20,17 @@ def _flag(name, default):
     return os.environ.get(name, default).strip().lower()
 
 
+def sanitizer_flags():
+    """ASan + UBSan, every UB check fatal (no recovery: a report fails the run), frame
+    pointers for readable stacks; the product's -O3, so the code checked is the code shipped."""
+    if _flag("UNLEARN_EXT_SANITIZE", "0") != "1":
+        return []
+    return ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g",
+            "-fno-wrapv"]  # Python's -fwrapv would define signed overflow and hide it from UBSan
+
+
 def cpu_extension():
+    sanitize = sanitizer_flags()
     sources = ["csrc/bindings.cpp", "csrc/cpu/dispatch.cpp"] + sorted(glob.glob("csrc/cpu/row_kernels_*.cpp"))
     return cpp_extension.CppExtension(
         "unlearn_ext._C",
@@ -28,7 +40,9 @@ def cpu_extension():
         # -fno-trapping-math: lets the compiler turn the clamps and selects of the kernels'
         # exp into vector blends (with traps assumed, every comparison stays a branch and no
         # loop vectorises). NaN and inf semantics are kept (no -ffast-math).
-        extra_compile_args=["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"],
+        extra_compile_args=["-O3", "-fopenmp-simd", "-fno-math-errno",
+                            "-fno-trapping-math", *sanitize],
+        extra_link_args=sanitize,
     )
 
 

@@ -67,11 +67,25 @@ void forward(const RowArgs& a, int nthreads) {
     }
     const RowState<T> st = merge_threads<op, T>(states);
     T stats[kNumStats];
-    values[r] = finish_row<op, T>(p, st, s_label, stats);
+    T value = finish_row<op, T>(p, st, s_label, q, stats);
+    bool tile_cached = true;
+    if constexpr (op == Op::kJSD) {  // the second pass, then block_sum of its two sums
+      T vsum = T(0), pbsum = T(0);
+      for (int tid = 0; tid < nthreads; ++tid) {
+        T v, pb;
+        thread_jsd<op, T, P>(a, p, q, tid, nthreads, stats, tiles[tid], true, v, pb);
+        vsum += v;
+        pbsum += pb;
+      }
+      value = jsd_finish(vsum, pbsum, stats);
+      tile_cached = single_tile<op, P>(p, nthreads);
+    }
+    values[r] = value;
     for (int k = 0; k < kNumStats; ++k) stats_out[r * kNumStats + k] = stats[k];
     if (a.write_grad) {
       const T g = row_grad_factor<op, T>(p, static_cast<T>(a.grad_scale * a.inv_temperature));
-      for (int tid = 0; tid < nthreads; ++tid) thread_grad<op, T, P>(a, p, q, tid, nthreads, g, stats, tiles[tid], true);
+      for (int tid = 0; tid < nthreads; ++tid)
+        thread_grad<op, T, P>(a, p, q, tid, nthreads, g, stats, tiles[tid], tile_cached);
     }
   }
 }
@@ -113,16 +127,15 @@ extern "C" {
 RowArgs* ue_args_new() { return new RowArgs(); }
 void ue_args_free(RowArgs* a) { delete a; }
 
+// params: the kNumParams scalars of the schemas (RowParams.scalars), set by set_params.
 void ue_args_set(RowArgs* a, int op, int64_t rows, int64_t vocab, const int64_t* labels, int64_t ignore_index,
-                 double inv_temperature, double alpha, double gamma) {
+                 const double* params) {
   a->op = static_cast<Op>(op);
   a->rows = rows;
   a->vocab = vocab;
   a->labels = labels;
   a->ignore_index = ignore_index;
-  a->inv_temperature = inv_temperature;
-  a->alpha = alpha;
-  a->gamma = gamma;
+  unlearn_ext::set_params(*a, params);
 }
 
 // which: 0 student, 1 teacher, 2 teacher2, 3 grad.

@@ -382,7 +382,23 @@ class RowOpSuite:
 
 
 MODULES = {"token_logprob": "TokenLogProb", "cross_entropy": "CrossEntropyLoss", "forward_kl": "ForwardKLLoss",
-           "reverse_kl": "ReverseKLLoss", "rkld": "RKLDLoss", "undial": "UnDIALLoss"}
+           "reverse_kl": "ReverseKLLoss", "rkld": "RKLDLoss", "undial": "UnDIALLoss", "jsd": "JSDLoss"}
 TEACHER_NAMES = {"token_logprob": [], "cross_entropy": [], "forward_kl": ["teacher_logits"],
                  "reverse_kl": ["teacher_logits"], "rkld": ["original_logits", "augmented_logits"],
-                 "undial": ["teacher_logits"]}
+                 "undial": ["teacher_logits"], "jsd": ["teacher_logits"]}
+
+
+def assert_peer_criterion(what, ours, peer32, ref64, atol, rtol):
+    """A ported peer test case (Liger-Kernel's): `ours` passes the peer's own criterion,
+    allclose(atol, rtol) to the peer's float32 oracle `peer32`; or, where float32 itself
+    cannot meet it (PyTorch's float32 misses it too), ours is no farther from the float64
+    oracle than PyTorch's float32 (twice its error, plus atol). Tallied either way."""
+    ours, peer32, ref64 = ours.double().cpu(), peer32.double().cpu(), ref64.double().cpu()
+    if torch.allclose(ours, peer32, atol=atol, rtol=rtol):
+        tally(f"{what} cases (peer's criterion)")
+        return
+    err = (ours - ref64).abs().max().item()
+    base = (peer32 - ref64).abs().max().item()
+    assert err <= 2 * base + atol, (f"{what}: misses the peer's criterion (atol {atol}, rtol {rtol}) and the float64 "
+                                    f"bound: error {err:.3e} vs PyTorch float32's {base:.3e}")
+    tally(f"{what} cases (float64 bound)")

@@ -24,7 +24,6 @@ import torch
 
 import unlearn_ext as ue
 from unlearn_ext._backends import resolve
-from unlearn_ext._fake_ops import NUM_STATS
 from unlearn_ext.ops._row_loss import RowParams
 
 from conftest import BACKEND_DEVICES
@@ -52,18 +51,19 @@ def raw_cases(device="cpu"):
     ops = torch.ops.unlearn_ext
     torch.set_default_device(device)
     x, y = torch.randn(N, V), torch.randint(0, V, (N,))
-    stats, grad_rows, grad = torch.zeros(N, NUM_STATS), torch.ones(N), torch.empty(N, V)
-    params = RowParams().scalars()
+    stats, grad_rows, grad = torch.zeros(N, 5), torch.ones(N), torch.empty(N, V)
+    default = RowParams().scalars()  # the schemas' float[] params (csrc/common/row_args.h, set_params)
 
-    def fwd(op="cross_entropy", logits=x, teacher=None, teacher2=None, labels=y, inv_t=1.0, alpha=0.0, gamma=0.0):
-        p = RowParams(IGNORE, inv_t, alpha, gamma).scalars()
-        return lambda: ops.row_loss_forward(op, logits, teacher, teacher2, labels, IGNORE, p)
+    def fwd(op="cross_entropy", logits=x, teacher=None, teacher2=None, labels=y, inv_t=1.0, alpha=0.0, gamma=0.0,
+            params=None, **options):
+        params = params or RowParams(IGNORE, inv_t, alpha, gamma, **options).scalars()
+        return lambda: ops.row_loss_forward(op, logits, teacher, teacher2, labels, IGNORE, params)
 
     def fwd_grad(g, op="cross_entropy", logits=x, labels=y, scale=torch.ones(())):
-        return lambda: ops.row_loss_forward_with_grad(op, logits, None, None, labels, IGNORE, params, g, scale)
+        return lambda: ops.row_loss_forward_with_grad(op, logits, None, None, labels, IGNORE, default, g, scale)
 
     def bwd(st=stats, gr=grad_rows, g=grad, labels=y, op="cross_entropy", logits=x, teacher=None):
-        return lambda: ops.row_loss_backward(op, logits, teacher, None, labels, st, gr, IGNORE, params, g)
+        return lambda: ops.row_loss_backward(op, logits, teacher, None, labels, st, gr, IGNORE, default, g)
 
     nan_row = x.clone()
     nan_row[1, 3] = float("nan")
@@ -103,6 +103,17 @@ def raw_cases(device="cpu"):
         ("alpha NaN", "ValueError", ["alpha", "finite"], fwd("rkld", teacher=x, teacher2=x, labels=None,
                                                             alpha=float("nan"))),
         ("gamma inf", "ValueError", ["gamma", "finite"], fwd("undial", teacher=x, gamma=float("inf"))),
+        ("params too few", "ValueError", ["params", "7 numbers"], fwd(params=[1.0, 0.0, 0.0])),
+        ("label_smoothing above 1", "ValueError", ["label_smoothing"], fwd(label_smoothing=1.5)),
+        ("label_smoothing negative", "ValueError", ["label_smoothing"], fwd(label_smoothing=-0.1)),
+        ("label_smoothing NaN", "ValueError", ["label_smoothing"], fwd(label_smoothing=float("nan"))),
+        ("lse_square_scale negative", "ValueError", ["lse_square_scale"], fwd(lse_square_scale=-1e-4)),
+        ("lse_square_scale inf", "ValueError", ["lse_square_scale"], fwd(lse_square_scale=float("inf"))),
+        ("softcap negative", "ValueError", ["softcap"], fwd(softcap=-30.0)),
+        ("softcap NaN", "ValueError", ["softcap"], fwd(softcap=float("nan"))),
+        ("jsd beta 0", "ValueError", ["beta", "(0, 1)"], fwd("jsd", teacher=x, labels=None, beta=0.0)),
+        ("jsd beta 1", "ValueError", ["beta", "(0, 1)"], fwd("jsd", teacher=x, labels=None, beta=1.0)),
+        ("jsd beta NaN", "ValueError", ["beta"], fwd("jsd", teacher=x, labels=None, beta=float("nan"))),
         ("grad shape", "ValueError", ["grad", "shape"], fwd_grad(torch.empty(N, V + 1))),
         ("grad dtype", "TypeError", ["grad", "dtype"], fwd_grad(torch.empty(N, V, dtype=torch.float64))),
         ("grad strided", "ValueError", ["grad", "unit stride"], fwd_grad(torch.empty(N, 2 * V)[:, ::2])),
@@ -113,12 +124,12 @@ def raw_cases(device="cpu"):
         ("grad_scale two elements", "ValueError", ["grad_scale", "one element"], fwd_grad(grad, scale=torch.ones(2))),
         ("grad_scale int", "TypeError", ["grad_scale", "floating"], fwd_grad(grad, scale=torch.ones((), dtype=torch.long))),
         ("grad_scale on meta", "ValueError", ["grad_scale", "meta"], fwd_grad(grad, scale=torch.ones((), device="meta"))),
-        ("stats rows", "ValueError", ["stats"], bwd(st=torch.zeros(N + 1, 4))),
-        ("stats width", "ValueError", ["stats"], bwd(st=torch.zeros(N, 3))),
-        ("stats dtype", "ValueError", ["stats"], bwd(st=torch.zeros(N, 4, dtype=torch.float64))),
-        ("stats non-contiguous", "ValueError", ["stats", "contiguous"], bwd(st=torch.zeros(4, N).t())),
-        ("stats 1-D", "ValueError", ["stats"], bwd(st=torch.zeros(N * 4))),
-        ("stats on meta", "ValueError", ["stats", "meta"], bwd(st=torch.zeros(N, 4, device="meta"))),
+        ("stats rows", "ValueError", ["stats"], bwd(st=torch.zeros(N + 1, 5))),
+        ("stats width", "ValueError", ["stats"], bwd(st=torch.zeros(N, 4))),
+        ("stats dtype", "ValueError", ["stats"], bwd(st=torch.zeros(N, 5, dtype=torch.float64))),
+        ("stats non-contiguous", "ValueError", ["stats", "contiguous"], bwd(st=torch.zeros(5, N).t())),
+        ("stats 1-D", "ValueError", ["stats"], bwd(st=torch.zeros(N * 5))),
+        ("stats on meta", "ValueError", ["stats", "meta"], bwd(st=torch.zeros(N, 5, device="meta"))),
         ("grad_rows count", "ValueError", ["grad_rows"], bwd(gr=torch.ones(N + 1))),
         ("grad_rows dtype", "ValueError", ["grad_rows"], bwd(gr=torch.ones(N, dtype=torch.float64))),
         ("grad_rows non-contiguous", "ValueError", ["grad_rows"], bwd(gr=torch.ones(2 * N)[::2])),
@@ -204,6 +215,7 @@ OPS = {
     "reverse_kl": (lambda x, t, y, **kw: ue.reverse_kl(x, *t, y, **kw), ["teacher_logits"]),
     "rkld": (lambda x, t, y, **kw: ue.rkld(x, *t, y, **kw), ["original_logits", "augmented_logits"]),
     "undial": (lambda x, t, y, **kw: ue.undial(x, *t, y, **kw), ["teacher_logits"]),
+    "jsd": (lambda x, t, y, **kw: ue.jsd(x, *t, y, **kw), ["teacher_logits"]),
 }
 BACKENDS = [pytest.param(p, id=f"{p[0]}-{p[1]}") for p in BACKEND_DEVICES]
 
@@ -247,6 +259,26 @@ def row_op_cases(op, device):
     if op == "undial":
         cases += [(ValueError, ["gamma"], lambda **kw: call(x, teachers, y, gamma=float("inf"), **kw)),
                   (TypeError, ["gamma"], lambda **kw: call(x, teachers, y, gamma=None, **kw))]
+    if op == "cross_entropy":
+        cases += [(ValueError, ["label_smoothing", "[0, 1]"], lambda **kw: call(x, teachers, y, label_smoothing=1.1, **kw)),
+                  (ValueError, ["label_smoothing", "[0, 1]"], lambda **kw: call(x, teachers, y, label_smoothing=-0.1, **kw)),
+                  (ValueError, ["label_smoothing", "finite"],
+                   lambda **kw: call(x, teachers, y, label_smoothing=float("nan"), **kw)),
+                  (ValueError, ["lse_square_scale", "non-negative"],
+                   lambda **kw: call(x, teachers, y, lse_square_scale=-1.0, **kw)),
+                  (ValueError, ["lse_square_scale", "finite"],
+                   lambda **kw: call(x, teachers, y, lse_square_scale=float("nan"), **kw)),
+                  (TypeError, ["return_z_loss", "bool"], lambda **kw: call(x, teachers, y, return_z_loss=1, **kw))]
+    if op == "jsd":
+        cases += [(ValueError, ["beta", "[0, 1]"], lambda **kw: call(x, teachers, y, beta=1.5, **kw)),
+                  (ValueError, ["beta", "[0, 1]"], lambda **kw: call(x, teachers, y, beta=-1e-9, **kw)),
+                  (ValueError, ["beta", "finite"], lambda **kw: call(x, teachers, y, beta=float("nan"), **kw)),
+                  (TypeError, ["beta", "number"], lambda **kw: call(x, teachers, y, beta="half", **kw))]
+    # every row op takes Gemma-2's softcap
+    cases += [(ValueError, ["softcap", "positive"], lambda **kw: call(x, teachers, y, softcap=0.0, **kw)),
+              (ValueError, ["softcap", "positive"], lambda **kw: call(x, teachers, y, softcap=-30.0, **kw)),
+              (ValueError, ["softcap", "finite"], lambda **kw: call(x, teachers, y, softcap=float("nan"), **kw)),
+              (TypeError, ["softcap", "number"], lambda **kw: call(x, teachers, y, softcap=[30.0], **kw))]
     return cases
 
 
@@ -261,7 +293,7 @@ def test_row_op_bad_inputs(op, backend):
 def test_module_bad_inputs(op):
     module_cls = getattr(ue, {"token_logprob": "TokenLogProb", "cross_entropy": "CrossEntropyLoss",
                               "forward_kl": "ForwardKLLoss", "reverse_kl": "ReverseKLLoss", "rkld": "RKLDLoss",
-                              "undial": "UnDIALLoss"}[op])
+                              "undial": "UnDIALLoss", "jsd": "JSDLoss"}[op])
     _, teacher_names = OPS[op]
     x, y = torch.randn(N, V), torch.randint(0, V, (N,))
     teachers = [torch.randn(N, V) for _ in teacher_names]

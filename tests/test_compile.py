@@ -88,6 +88,9 @@ def _fused_cases():
         "reverse_kl": lambda h, w, b, k: ue.fused_linear_reverse_kl(h, w, t, y, bias=b, temperature=2.0, **k),
         "rkld": lambda h, w, b, k: ue.fused_linear_rkld(h, w, t, t, y, bias=b, **k),
         "undial": lambda h, w, b, k: ue.fused_linear_undial(h, w, t, y, bias=b, **k),
+        "jsd": lambda h, w, b, k: ue.fused_linear_jsd(h, w, t, y, bias=b, beta=0.3, **k),
+        "cross_entropy_smoothing_z_loss": lambda h, w, b, k: ue.fused_linear_cross_entropy(
+            h, w, y, bias=b, label_smoothing=0.1, lse_square_scale=1e-3, **k),
         "sequence_logprob": lambda h, w, b, k: ue.fused_linear_sequence_logprob(h, w, y, bias=b, **k)[0].sum(),
         "ga": lambda h, w, b, k: ue.fused_linear_ga(h, w, y, bias=b, **k),
         "retain_kl": lambda h, w, b, k: ue.fused_linear_retain(h, w, y, t, bias=b, **k),

@@ -24,7 +24,7 @@ from unlearn_ext.ops import _row_loss
 from row_op_suite import IGNORE, OpSpec, assert_elementwise, check_against_reference, make_inputs, run
 
 ROOT = Path(__file__).resolve().parent.parent
-OPS = ["token_logprob", "cross_entropy", "forward_kl", "reverse_kl", "rkld", "undial"]  # kOpNames order
+KERNEL_OPS = ["token_logprob", "cross_entropy", "forward_kl", "reverse_kl", "rkld", "undial", "jsd"]  # kOpNames order
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
 PATHS = {0: "float32", 1: "bfloat16", 2: "float16", 3: "scalar"}
 SPECS = {
@@ -34,7 +34,13 @@ SPECS = {
     "reverse_kl": OpSpec("reverse_kl", teachers=1, labels_required=False),
     "rkld": OpSpec("rkld", teachers=2, labels_required=False, params={"alpha": 8.0}),
     "undial": OpSpec("undial", teachers=1, labels_required=True, params={"gamma": 10.0}),
+    "jsd": OpSpec("jsd", teachers=1, labels_required=False, params={"beta": 0.3}),
+    # the options of issue 12: label smoothing, z-loss and softcap together; softcap on a KL
+    "cross_entropy+options": OpSpec("cross_entropy", teachers=0, labels_required=True,
+                                    params={"label_smoothing": 0.1, "lse_square_scale": 1e-3, "softcap": 5.0}),
+    "reverse_kl+softcap": OpSpec("reverse_kl", teachers=1, labels_required=False, params={"softcap": 4.0}),
 }
+OPS = list(SPECS)  # the cases below: every kernel op, and the options
 NAME = "cuda_emulated"
 
 
@@ -50,7 +56,7 @@ def lib(tmp_path_factory):
     i64, f64, ptr, i32 = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p, ctypes.c_int
     lib.ue_args_new.restype = ptr
     lib.ue_args_free.argtypes = [ptr]
-    lib.ue_args_set.argtypes = [ptr, i32, i64, i64, ptr, i64, f64, f64, f64]
+    lib.ue_args_set.argtypes = [ptr, i32, i64, i64, ptr, i64, ctypes.POINTER(f64)]
     lib.ue_args_set_view.argtypes = [ptr, i32, ptr, i32, i64, i64, i64]
     lib.ue_args_set_outputs.argtypes = [ptr, ptr, ptr, ptr, i32, f64]
     lib.ue_launch_config.argtypes = [ptr, i32, ctypes.POINTER(i32)]
@@ -75,16 +81,18 @@ def _new_output(shape, dtype):
 class Args:
     """A RowArgs on the C side, holding the tensors it points into."""
 
-    def __init__(self, lib, op, logits, teacher=None, teacher2=None, labels=None, ignore_index=IGNORE,
-                 inv_temperature=1.0, alpha=0.0, gamma=0.0):
+    def __init__(self, lib, op, logits, teacher=None, teacher2=None, labels=None, ignore_index=IGNORE, **scalars):
+        """scalars: RowParams' fields (inv_temperature, alpha, gamma, ...), or params=RowParams."""
         self.lib, self.ptr = lib, lib.ue_args_new()
         self.keep = [logits, teacher, teacher2]
         self.labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
         vocab = logits.shape[-1]
         self.rows = logits.numel() // vocab
-        lib.ue_args_set(self.ptr, OPS.index(op), self.rows, vocab,
+        params = scalars.pop("params", None) or _row_loss.RowParams(ignore_index, **scalars)
+        values = params.scalars()
+        lib.ue_args_set(self.ptr, KERNEL_OPS.index(op), self.rows, vocab,
                         None if self.labels is None else self.labels.data_ptr(), ignore_index,
-                        inv_temperature, alpha, gamma)
+                        (ctypes.c_double * len(values))(*values))
         for which, t in enumerate([logits, teacher, teacher2]):
             if t is not None:
                 self.set_view(which, t)
@@ -109,13 +117,12 @@ class EmulatedKernels:
         self.lib, self.name, self.fuses_grad, self.threads = lib, NAME, fuses_grad, threads
 
     def _args(self, op, logits, teacher, teacher2, labels, p):
-        return Args(self.lib, op, logits, teacher, teacher2, labels, p.ignore_index, p.inv_temperature, p.alpha,
-                    p.gamma)
+        return Args(self.lib, op, logits, teacher, teacher2, labels, p.ignore_index, params=p)
 
     def forward(self, op, logits, teacher, teacher2, labels, p, grad=None, grad_scale=1.0):
         a = self._args(op, logits, teacher, teacher2, labels, p)
         cdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        values, stats = _new_output((a.rows,), cdt), _new_output((a.rows, 4), cdt)
+        values, stats = _new_output((a.rows,), cdt), _new_output((a.rows, 5), cdt)
         if grad is not None:
             a.set_view(3, grad)
         a.set_outputs(values, stats, write_grad=grad is not None, grad_scale=grad_scale)
@@ -290,7 +297,7 @@ def test_invalid_label_gives_nan_not_a_read(lib, op, forward):
     logits, teachers, _ = make_inputs(spec, (3, 40), torch.float32, "cpu", ignore_frac=0.0)
     labels = torch.tensor([5, 40, -7])
     a = Args(lib, op, logits, *teachers, *([None] * (2 - len(teachers))), labels=labels, gamma=3.0)
-    values, stats = torch.zeros(3), torch.zeros(3, 4)
+    values, stats = torch.zeros(3), torch.zeros(3, 5)
     grad = torch.zeros_like(logits)
     a.set_view(3, grad)
     a.set_outputs(values, stats, grad_rows=torch.ones(3), write_grad=forward)

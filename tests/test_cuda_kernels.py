@@ -105,7 +105,8 @@ def test_offsets_past_2_31_elements(spec):
     assert_elementwise(x.grad[tail], ref_grad, torch.bfloat16, "gradient", atol=1e-6)
 
 
-def test_torch_compile_without_graph_breaks(seed):
+def test_torch_compile_without_graph_breaks(seed, monkeypatch):
+    monkeypatch.delenv("UNLEARN_EXT_POISON", raising=False)  # compile as users run it (issue 12.2)
     logits, (teacher,), labels = make_inputs(SPECS[3], (4, 7, 1031), torch.bfloat16, "cuda")
 
     def loss_fn(x, t, y):

@@ -46,3 +46,51 @@ def test_demo_forgets_keeps_and_reports(tmp_path, capsys):
 def test_train_layers_out_of_range_is_a_clear_error():
     with pytest.raises(ValueError, match="train_layers"):
         demo.unlearn(trained_llama(), make_tokenizer(), FORGET, RETAIN, seed=0, progress=False, train_layers=3)
+
+
+def test_demo_runs_another_method_and_saves_its_model(tmp_path, capsys):
+    """--method and --method-arg pick the method (here GradDiff, retain weight 2); --save-model
+    writes the unlearned model, which loads as it was (files readable: umask, not 0600)."""
+    import os
+    import stat
+
+    import torch
+    from transformers import AutoModelForCausalLM
+    model, tokenizer = trained_llama(), make_tokenizer()
+    report = demo.main(["--out", str(tmp_path / "out"), "--no-progress", "--steps", "4", "--lr", "1e-2",
+                        "--train-layers", "1", "--max-new-tokens", "4", "--method", "graddiff", "--method-arg",
+                        "retain_weight=2", "--save-model", str(tmp_path / "model")],
+                       load=lambda cache_dir: (model, tokenizer, {"cache_dir": "/nowhere", "description": "tiny"}),
+                       sets=SETS)
+    assert report["unlearning"]["method"] == "graddiff" and report["unlearning"]["method.retain_weight"] == "2"
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    for name, p in model.named_parameters():
+        assert torch.equal(p, dict(saved.named_parameters())[name]), name
+    assert (tmp_path / "model/tokenizer.json").is_file()
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(os.stat(tmp_path / "model/model.safetensors").st_mode) == 0o666 & ~mask
+    out = capsys.readouterr().out
+    assert "Model: tiny, from /nowhere" in out and f"unlearned model in {tmp_path / 'model'}" in out
+
+
+def test_a_bad_method_option_fails_before_the_model_loads():
+    def load(cache_dir):
+        raise AssertionError("the model was loaded")
+    with pytest.raises(ValueError, match="has no option 'gamma'"):
+        demo.main(["--method", "npo", "--method-arg", "gamma=1", "--no-progress"], load=load, sets=SETS)
+
+
+@pytest.mark.parametrize("method,out", [("npo_rt", "runs/demo"), ("simnpo", "runs/demo/simnpo")])
+def test_make_demo_takes_a_method(method, out):
+    """`make demo METHOD=<name>`: the demo with that method (dry run: the command make would run)."""
+    import pathlib
+    import shutil
+    import subprocess
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    root = pathlib.Path(__file__).parents[1]
+    args = ["make", "-n", "demo"] + ([f"METHOD={method}"] if method != "npo_rt" else [])
+    done = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert f"-m unlearn_ext.demo --method {method} --out {out}" in done.stdout.splitlines()[-1]

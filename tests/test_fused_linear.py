@@ -59,8 +59,10 @@ SPECS = [
     Spec("reverse_kl", ("teacher",), labels_required=False),
     Spec("rkld", ("original", "augmented"), labels_required=False, params={"alpha": 3.0}),
     Spec("undial", ("teacher",), params={"gamma": 4.0}),
+    Spec("jsd", ("teacher",), labels_required=False, params={"beta": 0.3}),
+    Spec("cross_entropy", params={"label_smoothing": 0.1, "lse_square_scale": 1e-3}),
 ]
-SPEC_IDS = [s.name for s in SPECS]
+SPEC_IDS = [s.name + ("+options" if "label_smoothing" in s.params else "") for s in SPECS]
 
 
 def make_case(spec, lead=(3, 13), hidden_size=16, vocab=101, *, dtype=torch.float64, device="cpu", bias=True,
@@ -135,8 +137,8 @@ def dtype_for(backend):
 
 
 REFERENCE_CASES = [
-    pytest.param(backend, spec, reduction, chunk, id=f"{backend_id(backend)}-{spec.name}-{reduction}-chunk{chunk}")
-    for backend in BACKEND_DEVICES for spec in SPECS for reduction in ("none", "sum", "mean")
+    pytest.param(backend, spec, reduction, chunk, id=f"{backend_id(backend)}-{sid}-{reduction}-chunk{chunk}")
+    for backend in BACKEND_DEVICES for spec, sid in zip(SPECS, SPEC_IDS) for reduction in ("none", "sum", "mean")
     for chunk in (None, 1, 5, 64)
     if backend != INTERPRETED or (chunk == 5 and reduction != "sum")]
 

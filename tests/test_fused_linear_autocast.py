@@ -37,6 +37,8 @@ CASES = {
              lambda z, tz, y: ue.rkld(z, tz, tz, y)),
     "undial": (lambda h, w, b, t, y: ue.fused_linear_undial(h, w, t, y, bias=b),
                lambda z, tz, y: ue.undial(z, tz, y)),
+    "jsd": (lambda h, w, b, t, y: ue.fused_linear_jsd(h, w, t, y, bias=b, beta=0.3),
+            lambda z, tz, y: ue.jsd(z, tz, y, beta=0.3)),
     "npo": (lambda h, w, b, t, y: ue.fused_linear_npo(h, w, y, torch.full((B,), -40.0), bias=b),
             lambda z, tz, y: ue.npo_loss(z, y, torch.full((B,), -40.0))),
     "simnpo": (lambda h, w, b, t, y: ue.fused_linear_simnpo(h, w, y, bias=b),

@@ -71,8 +71,11 @@ ROW_OPS = {
     "reverse_kl": lambda x, t, y, **k: ue.reverse_kl(x, t, y, **k),
     "rkld": lambda x, t, y, **k: ue.rkld(x, t, t, y, **k),
     "undial": lambda x, t, y, **k: ue.undial(x, t, y, **k),
+    "jsd": lambda x, t, y, **k: ue.jsd(x, t, y, beta=0.3, softcap=20.0, **k),
+    "cross_entropy_z_loss": lambda x, t, y, **k: sum(ue.cross_entropy(x, y, label_smoothing=0.1, lse_square_scale=1e-4,
+                                                                      return_z_loss=True, **k)),
 }
-LABELS_OPTIONAL = {"forward_kl", "reverse_kl", "rkld"}
+LABELS_OPTIONAL = {"forward_kl", "reverse_kl", "rkld", "jsd"}
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
@@ -119,6 +122,7 @@ FUSED = {
     "reverse_kl": lambda h, w, t, y, **k: ue.fused_linear_reverse_kl(h, w, t, y, **k),
     "rkld": lambda h, w, t, y, **k: ue.fused_linear_rkld(h, w, t, t, y, **k),
     "undial": lambda h, w, t, y, **k: ue.fused_linear_undial(h, w, t, y, **k),
+    "jsd": lambda h, w, t, y, **k: ue.fused_linear_jsd(h, w, t, y, beta=0.3, **k),
 }
 
 

@@ -1,5 +1,6 @@
 """The trainer: batch plan, schedule, checkpoints, resume after SIGKILL, 2 processes = 1 process."""
 import json
+import math
 import os
 import re
 import subprocess
@@ -13,6 +14,7 @@ from tiny_lm import FORGET, RETAIN, collate, one_thread, tiny_llama  # noqa: F40
 
 from unlearn_ext import checkpoint
 from unlearn_ext.methods import GA, LogitsHead, Models
+from unlearn_ext.train_layers import block_range, select_train_layers
 from unlearn_ext.trainer import BatchPlan, TrainConfig, TrainData, lr_factor, train
 
 SCRIPT = Path(__file__).with_name("trainer_script.py")
@@ -44,8 +46,62 @@ def test_warmup_then_linear_decay():
     assert lr_factor(0, total=5, warmup=0) == 1.0
 
 
+def test_constant_and_cosine_schedules():
+    assert [lr_factor(s, 10, 2, "constant") for s in range(10)] == [0.5] + [1.0] * 9
+    cosine = [lr_factor(s, 10, 2, "cosine") for s in range(10)]
+    assert cosine[:3] == pytest.approx([0.5, 1.0, 1.0])
+    assert cosine[2:] == pytest.approx([0.5 * (1 + math.cos(math.pi * (s - 2) / 8)) for s in range(2, 10)])
+    assert all(a > b for a, b in zip(cosine[2:], cosine[3:]))
+    with pytest.raises(ValueError, match="lr_schedule must be one of constant, linear, cosine"):
+        lr_factor(5, 10, 0, "step")
+
+
+def test_retain_examples_are_drawn_without_replacement_within_an_epoch():
+    """7 retain examples, 3 per slot: slots 0.. walk a permutation of the retain set, a new
+    one each retain epoch; one process with grad_accum 2 draws what 2 processes draw."""
+    config = TrainConfig(batch_size=2, retain_batch_size=3, grad_accum=2)
+    plan = BatchPlan(10, 7, config, world=1)
+    stream = [i for step in range(7) for micro in range(2) for i in plan.retain(step, micro, 0)]  # 42 = 6 epochs
+    epochs = [stream[7 * e:7 * e + 7] for e in range(6)]
+    assert all(sorted(e) == list(range(7)) for e in epochs)
+    assert len({tuple(e) for e in epochs}) > 1
+    two = BatchPlan(10, 7, TrainConfig(batch_size=2, retain_batch_size=3, grad_accum=1), world=2)
+    for step in range(5):
+        assert [plan.retain(step, m, 0) for m in range(2)] == [two.retain(step, 0, r) for r in range(2)]
+    again = BatchPlan(10, 7, config, world=1)
+    assert again.retain(5, 1, 0) == plan.retain(5, 1, 0)  # stateless: resuming recomputes it
+    with pytest.raises(ValueError, match="retain_batch_size must be >= 1"):
+        BatchPlan(10, 7, TrainConfig(retain_batch_size=-1), world=1)
+
+
+@pytest.mark.parametrize("spec,blocks", [("top:2", [3, 4]), ("bottom:1", [0]), ("1-3", [1, 2, 3]),
+                                         ("all", [0, 1, 2, 3, 4])])
+def test_train_layers_selects_blocks(spec, blocks):
+    assert list(block_range(spec, 5)) == blocks
+    from transformers import LlamaConfig, LlamaForCausalLM
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=5,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    select_train_layers(model, spec)
+    trained = {int(n.split(".")[2]) for n, p in model.named_parameters() if p.requires_grad and ".layers." in n}
+    assert trained == set(blocks)
+    others = [n for n, p in model.named_parameters() if p.requires_grad and ".layers." not in n]
+    assert bool(others) == (spec == "all")  # embeddings, final norm and head train only with "all"
+
+
+@pytest.mark.parametrize("spec,message", [("top:0", "N must be in"), ("3-1", "need 0 <= A <= B"),
+                                          ("top10", "expected 'all', 'top:N'")])
+def test_train_layers_rejects_bad_specs(spec, message):
+    with pytest.raises(ValueError, match=message):
+        block_range(spec, 5)
+
+
+def test_completed_run_prunes_checkpoints_unless_asked(tmp_path):
+    _run(tmp_path / "default", keep_checkpoints=False)
+    assert sorted(p.name for p in (tmp_path / "default").iterdir()) == ["log.jsonl", "manifest.json", "model"]
+
+
 def _run(tmp_path, **overrides):
-    config = dict(lr=1e-3, max_steps=4, batch_size=2, progress=False, save_every=2, keep_checkpoints=0)
+    config = dict(lr=1e-3, max_steps=4, batch_size=2, progress=False, save_every=2, keep_checkpoints=True, checkpoint_limit=0)
     config.update(overrides)
     return train(GA(head=LogitsHead()), Models(student=tiny_llama()), TrainData(FORGET, collate=collate()),
                  TrainConfig(output_dir=str(tmp_path), **config))
@@ -68,7 +124,7 @@ def test_checkpoints_logs_and_model_are_written(tmp_path):
 
 def test_refuses_to_overwrite_a_run_and_ignores_partial_checkpoints(tmp_path):
     _run(tmp_path, max_steps=2)
-    with pytest.raises(ValueError, match="already holds checkpoints"):
+    with pytest.raises(ValueError, match="is not empty: pass --resume"):
         _run(tmp_path, max_steps=2)
     (tmp_path / "checkpoints/.tmp-step_9-123").mkdir()  # what a kill during a save leaves
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "checkpoints")] == ["step_2"]

@@ -34,7 +34,7 @@ from unlearn_ext.methods import GradDiff, LogitsHead, Models
 from unlearn_ext.trainer import NonFiniteLossError, TrainConfig, TrainData, lr_factor, make_optimizer, train
 
 # Every step saves; from step 3 on, every save prunes the oldest checkpoint (keep 2).
-CONFIG = dict(lr=3e-3, max_steps=8, batch_size=2, grad_accum=2, warmup_ratio=0.25, save_every=1, keep_checkpoints=2,
+CONFIG = dict(lr=3e-3, max_steps=8, batch_size=2, grad_accum=2, warmup_ratio=0.25, save_every=1, keep_checkpoints=True, checkpoint_limit=2,
               progress=False, seed=5)
 TOTAL = CONFIG["max_steps"]
 # (what is called, where the kill lands, how many such calls one save makes, first step where it happens)
@@ -169,7 +169,7 @@ def uninterrupted(tmp_path_factory):
     """The same run without faults, keeping every checkpoint."""
     out = tmp_path_factory.mktemp("uninterrupted")
     torch.set_num_threads(1)
-    _run(out, keep_checkpoints=0)
+    _run(out, checkpoint_limit=0)
     return out
 
 

@@ -33,6 +33,6 @@ def kill(step, record):
 
 
 config = TrainConfig(output_dir=args.output, lr=3e-3, max_steps=6, batch_size=2, grad_accum=args.grad_accum,
-                     warmup_ratio=0.34, save_every=2, keep_checkpoints=0, resume=args.resume, progress=False, seed=5)
+                     warmup_ratio=0.34, save_every=2, keep_checkpoints=True, checkpoint_limit=0, resume=args.resume, progress=False, seed=5)
 train(GradDiff(head=LogitsHead()), Models(student=tiny_llama(seed=0)), TrainData(FORGET, RETAIN, collate()), config,
       callbacks=[kill] if args.kill_after else [])

@@ -15,6 +15,15 @@ merged one linear layer at a time by solving
 the bias is fused too). Only the Gram matrices ``X_iᵀX_i`` are kept, in float64. A ridge
 term ``ρ·mean(diag(ΣG))·I`` keeps the solve stable when some input direction never
 occurs (e.g. a ReLU unit that never fires); ρ = 0 gives the exact least-squares solution.
+
+Saved models (:func:`save_unlearning_layers`): the backbone's weights stay in
+``model.safetensors`` and the layers go beside them, but ``config.json`` no longer says
+the backbone's model type: it says ``unlearn_ext_eul`` (the backbone's type is kept as
+``base_model_type``) and maps transformers' auto classes to a small module written into
+the directory (``unlearn_ext_eul.py``). So plain transformers never loads such a directory
+as the untouched backbone: ``AutoModelForCausalLM.from_pretrained(dir)`` refuses ("contains
+custom code ... trust_remote_code=True"), and with ``trust_remote_code=True`` it loads the
+backbone *with* its unlearning layers (the module needs unlearn_ext installed).
 """
 from __future__ import annotations
 
@@ -163,8 +172,42 @@ def fuse(states: list[dict[str, torch.Tensor]], grams: list[dict[str, torch.Tens
     return fused
 
 
+MODEL_TYPE = "unlearn_ext_eul"
+AUTO_MODULE = "unlearn_ext_eul"
+_AUTO_MODULE_SOURCE = '''"""Loads this directory's model WITH its EUL unlearning layers (written by unlearn_ext).
+
+    AutoModelForCausalLM.from_pretrained(this_directory, trust_remote_code=True)
+
+Without the layers the model would be the backbone before unlearning.
+"""
+from unlearn_ext import adapters
+
+
+class EULConfig:
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoConfig"):
+        pass
+
+    @classmethod
+    def from_pretrained(cls, directory, **kwargs):
+        return adapters.backbone_config(directory, keep_auto_map=True, **kwargs)
+
+
+class EULForCausalLM:
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoModelForCausalLM"):
+        pass
+
+    @classmethod
+    def from_pretrained(cls, directory, *args, **kwargs):
+        return adapters.from_pretrained_with_layers(directory, *args, **kwargs)
+'''
+
+
 def save_unlearning_layers(model: torch.nn.Module, directory: str | Path) -> None:
-    """Write the model's unlearning layers (if any) beside a saved backbone."""
+    """Write the model's unlearning layers (if any) into ``directory`` and, when a backbone
+    is saved there, mark its ``config.json`` so that plain transformers cannot load it
+    as the backbone alone (see the module's docstring)."""
     layers = unlearning_layers(model)
     if layers is None:
         return
@@ -172,12 +215,56 @@ def save_unlearning_layers(model: torch.nn.Module, directory: str | Path) -> Non
     save_file({k: v.detach().cpu().contiguous() for k, v in layers.state_dict().items()},
               str(directory / WEIGHTS_FILE))
     (directory / CONFIG_FILE).write_text(json.dumps(layers.config))
+    config_path = directory / "config.json"
+    if not config_path.is_file():  # the layers alone (no backbone saved here): nothing to mark
+        return
+    config = json.loads(config_path.read_text())
+    config.update(base_model_type=config["model_type"], model_type=MODEL_TYPE,
+                  auto_map={"AutoConfig": f"{AUTO_MODULE}.EULConfig",
+                            "AutoModelForCausalLM": f"{AUTO_MODULE}.EULForCausalLM"})
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    (directory / f"{AUTO_MODULE}.py").write_text(_AUTO_MODULE_SOURCE)
+
+
+def has_unlearning_layers(directory: str | Path) -> bool:
+    return (Path(directory) / WEIGHTS_FILE).exists()
+
+
+def backbone_config(directory: str | Path, keep_auto_map: bool = False, **kwargs):
+    """The backbone's configuration of a directory written by :func:`save_unlearning_layers`
+    (``kwargs`` as ``PretrainedConfig.from_pretrained`` takes them). ``keep_auto_map``:
+    for transformers' auto classes, which then hand the loading to this module."""
+    from transformers import PretrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    kwargs.pop("trust_remote_code", None)
+    config_dict, kwargs = PretrainedConfig.get_config_dict(str(directory), **kwargs)
+    base_type = config_dict.pop("base_model_type", None)
+    if config_dict.get("model_type") != MODEL_TYPE or base_type is None:
+        raise ValueError(f"{directory}: config.json is not that of a model with EUL unlearning layers")
+    if not keep_auto_map:
+        config_dict.pop("auto_map", None)
+    config_dict["model_type"] = base_type
+    return CONFIG_MAPPING[base_type].from_dict(config_dict, **kwargs)
+
+
+def from_pretrained_with_layers(directory: str | Path, *args, config=None, **kwargs):
+    """The backbone saved in ``directory`` with its unlearning layers attached."""
+    from transformers import AutoModelForCausalLM
+    kwargs.pop("trust_remote_code", None)
+    kwargs.pop("adapter_kwargs", None)
+    if config is None or getattr(config, "model_type", None) == MODEL_TYPE:
+        config = backbone_config(directory)
+    if hasattr(config, "auto_map"):
+        del config.auto_map
+    model = AutoModelForCausalLM.from_pretrained(directory, *args, config=config, **kwargs)
+    load_unlearning_layers(model, directory)
+    return model
 
 
 def load_unlearning_layers(model: torch.nn.Module, directory: str | Path) -> UnlearningLayers | None:
     """Attach the unlearning layers saved in ``directory`` (None if there are none)."""
     directory = Path(directory)
-    if not (directory / WEIGHTS_FILE).exists():
+    if not has_unlearning_layers(directory):
         return None
     config = json.loads((directory / CONFIG_FILE).read_text())
     layers = attach_unlearning_layers(model, config["bottleneck"])

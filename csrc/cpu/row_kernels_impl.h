@@ -283,9 +283,11 @@ void grad_row(const RowArgs& a, const RowConsts<T>& c, int64_t r, int64_t y, T g
 
 // JSD's second pass over a row: its loss and E_p[b] (row_math.h, jsd_terms), now that
 // pass 1 has both log-sums. Blocks in reverse: the last ones read are still in cache.
+// The sums run in double: a row's terms have both signs, and one float accumulator over
+// V of them would round far more than PyTorch's pairwise sums.
 template <Op op, typename T>
 T jsd_pass(const RowArgs& a, const RowConsts<T>& c, int64_t r, T* stats, Scratch<T>& w) {
-  T value = 0, pb = 0;
+  double value = 0, pb = 0;
   const int64_t last = (a.vocab - 1) / kBlock * kBlock;
   for (int64_t b0 = last; b0 >= 0; b0 -= kBlock) {
     const int64_t n = a.vocab - b0 < kBlock ? a.vocab - b0 : kBlock;
@@ -297,7 +299,7 @@ T jsd_pass(const RowArgs& a, const RowConsts<T>& c, int64_t r, T* stats, Scratch
       pb += q;
     }
   }
-  return jsd_finish(value, pb, stats);
+  return jsd_finish(static_cast<T>(value), static_cast<T>(pb), stats);
 }
 
 template <Op op, typename T>

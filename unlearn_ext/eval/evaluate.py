@@ -27,6 +27,11 @@ from .scoring import greedy_answers, score_answers
 
 KINDS = ("forget", "retain", "options", "holdout")
 UTILITY_METRICS = ("prob", "rouge", "truth_ratio")
+# `unlearn-ext eval`'s generation limit: greedy answers stop at the end-of-sequence token or
+# after this many tokens. TOFU's answers are a sentence or two and open-unlearning evaluates
+# TOFU with this limit, so an unlearned model's rambling (or a refusal before the facts) is
+# seen whole.
+MAX_NEW_TOKENS = 200
 
 
 def kind_of(name: str) -> str:
@@ -122,14 +127,17 @@ def evaluate(model, tokenizer, eval_sets: Mapping[str, Sequence[Mapping]], *, ki
     ``ks_statistic`` (None unless ``retain_reference``, an earlier ``evaluate`` result of
     the retain-only model on the same forget set, is given).
 
-    ``generate=False`` skips greedy generation and ROUGE (much faster); ``max_new_tokens``
-    defaults to the longest reference answer + 8 tokens (at most 128); ``mia_k`` is Min-K's
+    ``generate=False`` skips greedy generation and ROUGE (much faster); greedy answers stop
+    at the end-of-sequence token or after ``max_new_tokens`` (the command line: 200,
+    ``MAX_NEW_TOKENS``; None here: the longest reference answer + 8 tokens, at most 128,
+    which keeps the benchmark's cost, but cuts long answers short); ``mia_k`` is Min-K's
     fraction of tokens; ``backend`` picks the ``token_logprob`` kernel.
     """
-    kinds = {name: (kinds or {}).get(name) or kind_of(name) for name in eval_sets}
-    for name, kind in kinds.items():
-        if kind not in KINDS:
-            raise ValueError(f"kind of set {name!r} must be one of {KINDS}, got {kind!r}")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    kinds = check_sets(eval_sets, kinds)
+    if retain_reference is not None:
+        check_retain_reference(retain_reference, eval_sets, kinds)
     forget_names = [n for n, k in kinds.items() if k == "forget"]
     holdout_names = [n for n, k in kinds.items() if k == "holdout"]
     membership = len(forget_names) == 1 and len(holdout_names) == 1
@@ -161,6 +169,47 @@ def evaluate(model, tokenizer, eval_sets: Mapping[str, Sequence[Mapping]], *, ki
     if retain_reference is not None:
         result.update(forget_quality_against(result, retain_reference))
     return result
+
+
+def check_sets(eval_sets: Mapping[str, Sequence[Mapping]], kinds: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Every set's role (from ``kinds``, else its name) and every record checked, before
+    any forward pass; returns {name: role}."""
+    kinds = {name: (kinds or {}).get(name) or kind_of(name) for name in eval_sets}
+    for name, kind in kinds.items():
+        if kind not in KINDS:
+            raise ValueError(f"kind of set {name!r} must be one of {KINDS}, got {kind!r}")
+        _plan(name, eval_sets[name], kind)  # raises on an empty set or inconsistent perturbed answers
+    return kinds
+
+
+def check_retain_reference(retain_result: Mapping, eval_sets: Mapping[str, Sequence[Mapping]],
+                           kinds: Mapping[str, str]) -> None:
+    """That forget quality can be computed against ``retain_result`` (an ``evaluate`` result
+    of the retain-only model), before anything is evaluated: it needs ``sets.<name>.kind``
+    "forget" and ``sets.<name>.per_example.truth_ratio_raw`` for the one forget set being
+    evaluated (same name, same number of questions), which needs perturbed answers."""
+    need = ("a JSON object with 'sets' holding exactly one forget set (sets.NAME.kind = \"forget\") whose "
+            "per_example.truth_ratio_raw lists one ratio per question (an `eval` result on a forget set with "
+            "perturbed_answer lists)")
+    forget = [n for n, k in kinds.items() if k == "forget"]
+    if len(forget) != 1:
+        raise ValueError(f"forget quality needs exactly one forget set to evaluate, got {len(forget)}")
+    name = forget[0]
+    if any("perturbed_answer" not in r for r in eval_sets[name]):
+        raise ValueError(f"forget quality needs 'perturbed_answer' lists in every record of forget set {name!r}")
+    sets = retain_result.get("sets") if isinstance(retain_result, Mapping) else None
+    if not isinstance(sets, Mapping):
+        raise ValueError(f"the retain-model result has no 'sets': it must be {need}")
+    ref = [n for n, s in sets.items() if isinstance(s, Mapping) and s.get("kind") == "forget"]
+    if len(ref) != 1:
+        raise ValueError(f"the retain-model result has {len(ref)} forget sets: it must be {need}")
+    ratios = sets[ref[0]].get("per_example", {}).get("truth_ratio_raw")
+    if not isinstance(ratios, list):
+        raise ValueError(f"the retain-model result's forget set {ref[0]!r} lacks per_example.truth_ratio_raw: "
+                         f"it must be {need}")
+    if ref[0] != name or len(ratios) != len(eval_sets[name]):
+        raise ValueError(f"forget sets differ: evaluating {name!r} ({len(eval_sets[name])} questions), the "
+                         f"retain-model result has {ref[0]!r} ({len(ratios)})")
 
 
 def forget_quality_against(result: Mapping, retain_result: Mapping) -> dict[str, float]:

@@ -25,6 +25,14 @@ def summary_row(method: str, result: Mapping, **labels) -> dict:
     return row
 
 
+def eval_table(result: Mapping) -> str:
+    """An ``evaluate`` result as a Markdown table (one row per set) with its headline numbers."""
+    rows = [{"set": name, "role": s["kind"], "n": s["n"], **{m: s.get(m) for m in SUMMARY_METRICS}}
+            for name, s in result["sets"].items()]
+    headline = ", ".join(f"{key} {_format(result.get(key))}" for key in HEADLINE)
+    return markdown_table(rows, ["set", "role", "n", *SUMMARY_METRICS]) + headline
+
+
 def machine() -> str:
     """A one-line description of where the numbers come from (reports and benchmarks)."""
     import torch

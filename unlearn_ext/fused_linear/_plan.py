@@ -41,14 +41,16 @@ def _bytes_per_row(student: LMHeadInputs, teachers, reference: bool) -> int:
 
 def prepare(op: str, student, teachers, labels, *, labels_required: bool, reference_fn, ignore_index: int,
             temperature: float, backend: str | None, chunk_size: int | None, alpha: float = 0.0,
-            gamma: float = 0.0, arrange: Arrange = _even) -> tuple[LMHeadInputs, ChunkPlan]:
+            gamma: float = 0.0, arrange: Arrange = _even, **options) -> tuple[LMHeadInputs, ChunkPlan]:
     """Checks every argument (errors name it) and builds the plan of one call.
 
     ``student``: (hidden, weight, bias, softcap); ``teachers``: (argument name, head) pairs.
     On eager CPU tensors, rows whose label is ``ignore_index`` are left out of the loop
     (counting them on the host is free). Elsewhere (GPUs, torch.compile, CUDA graphs) every
     row is read and the kernels give ignored rows a zero value and gradient: no host
-    synchronisation and no data-dependent shape, at the price of the ignored rows' matmuls."""
+    synchronisation and no data-dependent shape, at the price of the ignored rows' matmuls.
+    ``options``: further RowParams fields (label_smoothing, lse_square_scale, beta), checked
+    by the caller; the softcap is applied to the chunk logits here, not by the kernels."""
     autocast = _autocast_on(student)
     student = check_head(student, "", mixed_dtypes=autocast)
     named_teachers = teachers
@@ -82,7 +84,7 @@ def prepare(op: str, student, teachers, labels, *, labels_required: bool, refere
     index, bounds = arrange(index, count, chunk)
     rows = Rows(student.hidden.shape[:-1], index, bounds)
     plan = ChunkPlan(
-        op=op, params=RowParams(ignore_index, 1.0 / temperature, float(alpha), float(gamma)), kernels=kernels,
+        op=op, params=RowParams(ignore_index, 1.0 / temperature, float(alpha), float(gamma), **options), kernels=kernels,
         reference_fn=reference_fn, rows=rows,
         labels=None if flat_labels is None else rows.gather(flat_labels.view(rows.lead_shape)),
         teachers=tuple(LMHeadInputs(t.hidden.detach(), t.weight.detach(),
@@ -117,12 +119,12 @@ class Reduce:
 
 def row_loss(op: str, hidden, weight, teachers, labels, *, bias, softcap, labels_required: bool, reference_fn,
              ignore_index: int, temperature: float, reduction: str, backend, chunk_size, alpha: float = 0.0,
-             gamma: float = 0.0) -> torch.Tensor:
+             gamma: float = 0.0, **options) -> torch.Tensor:
     """A row op of unlearn_ext.ops on logits that are never materialised."""
     check_reduction(reduction)
     student, plan = prepare(op, (hidden, weight, bias, softcap), teachers, labels, labels_required=labels_required,
                             reference_fn=reference_fn, ignore_index=ignore_index, temperature=temperature,
-                            backend=backend, chunk_size=chunk_size, alpha=alpha, gamma=gamma)
+                            backend=backend, chunk_size=chunk_size, alpha=alpha, gamma=gamma, **options)
     objective = None if reduction == "none" else Reduce(plan.counted_rows if reduction == "mean" else 1,
                                                          student.hidden.device)
     return apply(student, plan, objective)

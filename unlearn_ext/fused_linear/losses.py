@@ -19,7 +19,9 @@ Common arguments:
         and may share its weight tensor with the student (tied embeddings).
     labels: leading shape of ``hidden``; rows with ``ignore_index`` count nothing and cost
         nothing (they are skipped). Causal shifting is the caller's (see shift_labels).
-    reduction, temperature, ignore_index, alpha, gamma: as the row ops.
+    reduction, temperature, ignore_index, alpha, gamma, beta, label_smoothing,
+        lse_square_scale: as the row ops (the z-loss is part of the loss; return_z_loss is
+        the row op's only).
     backend: the row kernels' backend (``torch``, ``cpu``, ``cuda``, ``triton``).
     chunk_size: rows per chunk; default from V, H and the device (see default_chunk_rows).
 Under autocast, the head is applied in autocast's dtype, as F.linear would be.
@@ -29,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ..ops._checks import check_finite
+from ..ops._checks import check_finite, check_fraction
 from ._plan import row_loss
 
 IGNORE_INDEX = reference.IGNORE_INDEX
@@ -46,13 +48,18 @@ def fused_linear_token_logprob(hidden, weight, labels, *, bias=None, softcap=Non
 
 
 def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, softcap=None, ignore_index=IGNORE_INDEX,
-                               reduction="mean", temperature=1.0, backend=None, chunk_size=None) -> torch.Tensor:
-    """Cross entropy of each row against its label; see :func:`unlearn_ext.cross_entropy`."""
+                               reduction="mean", temperature=1.0, label_smoothing=0.0, lse_square_scale=0.0,
+                               backend=None, chunk_size=None) -> torch.Tensor:
+    """Cross entropy of each row against its label, with PyTorch's label smoothing and
+    Liger's z-loss; see :func:`unlearn_ext.cross_entropy`."""
+    eps = check_fraction("label_smoothing", label_smoothing)
+    z = check_finite("lse_square_scale", lse_square_scale, nonnegative=True)
     return row_loss(
         "cross_entropy", hidden, weight, (), labels, bias=bias, softcap=softcap, labels_required=True,
-        reference_fn=lambda x, y: reference.cross_entropy(x, y, ignore_index=ignore_index, temperature=temperature),
+        reference_fn=lambda x, y: reference.cross_entropy(x, y, ignore_index=ignore_index, temperature=temperature,
+                                                          label_smoothing=eps, lse_square_scale=z),
         ignore_index=ignore_index, temperature=temperature, reduction=reduction, backend=backend,
-        chunk_size=chunk_size)
+        chunk_size=chunk_size, label_smoothing=eps, lse_square_scale=z)
 
 
 def fused_linear_forward_kl(hidden, weight, teacher, labels=None, *, bias=None, softcap=None,
@@ -105,3 +112,23 @@ def fused_linear_undial(hidden, weight, teacher, labels, *, gamma=10.0, bias=Non
                                                       temperature=temperature),
         ignore_index=ignore_index, temperature=temperature, reduction=reduction, backend=backend,
         chunk_size=chunk_size, gamma=gamma)
+
+
+def fused_linear_jsd(hidden, weight, teacher, labels=None, *, beta=0.5, bias=None, softcap=None,
+                     ignore_index=IGNORE_INDEX, reduction="mean", temperature=1.0, backend=None,
+                     chunk_size=None) -> torch.Tensor:
+    """The generalised JSD scaled to be continuous in β (β = 0 forward KL, β = 1 reverse
+    KL); see :func:`unlearn_ext.jsd`."""
+    beta = check_fraction("beta", beta)
+    kw = dict(bias=bias, softcap=softcap, ignore_index=ignore_index, reduction=reduction, temperature=temperature,
+              backend=backend, chunk_size=chunk_size)
+    if beta == 0.0:
+        return fused_linear_forward_kl(hidden, weight, teacher, labels, **kw)
+    if beta == 1.0:
+        return fused_linear_reverse_kl(hidden, weight, teacher, labels, **kw)
+    return row_loss(
+        "jsd", hidden, weight, (("teacher", teacher),), labels, bias=bias, softcap=softcap, labels_required=False,
+        reference_fn=lambda x, t, y: reference.jsd(x, t, y, beta=beta, ignore_index=ignore_index,
+                                                   temperature=temperature),
+        ignore_index=ignore_index, temperature=temperature, reduction=reduction, backend=backend,
+        chunk_size=chunk_size, beta=beta)

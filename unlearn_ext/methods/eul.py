@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import adapters
+from ..file_modes import follow_umask
 from .base import Method, option
 
 REQUEST_DIR = "eul"
@@ -97,6 +98,7 @@ class EUL(Method):
             folder.mkdir(parents=True, exist_ok=True)
             save_file(own_state, str(folder / "layers.safetensors"))
             save_file(own_grams, str(folder / "grams.safetensors"))
+            follow_umask(folder)
         if self.earlier:
             states = [own_state] + [load_file(str(f / "layers.safetensors")) for f in self.earlier]
             grams = [own_grams] + [load_file(str(f / "grams.safetensors")) for f in self.earlier]

