@@ -31,7 +31,7 @@ import test_rkld
 import test_token_logprob
 import test_undial
 from conftest import KERNEL_BACKEND_DEVICES
-from row_op_suite import assert_elementwise, make_inputs, run
+from row_op_suite import OpSpec, assert_elementwise, make_inputs, run
 
 triton = pytest.importorskip("triton", reason="Triton is not installed (it has no wheel for this platform)")
 
@@ -45,6 +45,7 @@ OPS = list(OP_CODES)
 SPECS = {suite.spec.name: suite.spec for suite in (  # modules, not classes: pytest would collect them again
     test_token_logprob.TestTokenLogprob, test_cross_entropy.TestCrossEntropy, test_forward_kl.TestForwardKL,
     test_reverse_kl.TestReverseKL, test_rkld.TestRKLD, test_undial.TestUnDIAL)}
+SPECS["jsd"] = OpSpec("jsd", teachers=1, labels_required=False)  # beta: RowParams' default, 0.5
 TRITON = [pytest.param(p, id=f"{p[0]}-{p[1]}") for p in KERNEL_BACKEND_DEVICES if p[0] == "triton"] or [
     pytest.param(None, marks=pytest.mark.skip(reason="the triton backend cannot run in this process ("
                                               + ue.backends()["triton"].detail + "); `make test` runs these "
