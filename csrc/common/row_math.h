@@ -77,8 +77,9 @@ UE_HD T student_logit(T z, const RowConsts<T>& c, T& dcap, Tanh tanh_fn) {
     return z * c.inv_temperature;
   }
   const T th = tanh_fn(z * c.inv_softcap);
-  dcap = T(1) - th * th;
-  return z == neg_inf<T>() ? z : c.softcap * th * c.inv_temperature;
+  const bool masked = z == neg_inf<T>();
+  dcap = masked ? T(1) : T(1) - th * th;  // a masked logit passes through unchanged
+  return masked ? z : c.softcap * th * c.inv_temperature;
 }
 
 // A maximum that is safe to subtract: a row that is -inf so far shifts by 0, so that

@@ -77,7 +77,7 @@ def load_block(s_row, t_row, t2_row, cols, live, y, inv_t, alpha, gamma, softcap
     s = tl.load(s_row + cols, mask=live, other=NEG_INF).to(tl.float32)
     if SOFTCAP:
         th = tanh(s / softcap)
-        dcap = 1.0 - th * th
+        dcap = tl.where(s == NEG_INF, 1.0, 1.0 - th * th)  # a masked logit passes through unchanged
         s = tl.where(s == NEG_INF, NEG_INF, softcap * th)  # masked logits (and lanes) stay masked
     else:
         dcap = tl.full(s.shape, 1.0, tl.float32)
