@@ -10,7 +10,7 @@ SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 
 # Tests marked slow (N·V > 2^31 elements: ~9 GB of RAM, minutes on 2 cores) stay out of
 # `make test` (CI's 15-minute budget); `make test-slow` runs them, as does every GPU check.
-.PHONY: test test-slow test-sanitize install demo clean cuda-check
+.PHONY: test test-slow test-sanitize install demo clean cuda-check gpu-wheels sass-budget
 
 $(PY):
 	if $(PYTHON) -c "import torch" 2>/dev/null; then $(PYTHON) -m venv --system-site-packages $(VENV); \
@@ -92,6 +92,22 @@ $(CUDA_CHECK)/%.cpp.ok: csrc/cuda/%.cpp $(CUDA_HEADERS) $(VENV)/.installed
 	  -isystem $(CUDA_CHECK)/include -isystem $(CUDA_INCLUDE) $<
 	@touch $@
 endif
+
+# gpu-wheels: on a machine with network, the wheels that benchmarks/gpu_check.sh installs
+# offline on a GPU machine (carry .whl/ with the call): Liger-Kernel and Cut-Cross-Entropy,
+# pure-Python wheels, for the Python of the GPU machines' image (3.12); no dependencies
+# (torch and triton are the image's).
+GPU_WHEELS ?= liger-kernel cut-cross-entropy
+gpu-wheels:
+	mkdir -p .whl
+	$(PYTHON) -m pip download --disable-pip-version-check -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  -d .whl $(GPU_WHEELS)
+	@ls -l .whl
+
+# sass-budget: SASS instructions per element of every CUDA kernel's hot loop against the
+# budget at the H200's copy rate (benchmarks/sass_budget.py; needs nvcc, no GPU).
+sass-budget:
+	$(PY) benchmarks/sass_budget.py
 
 # test-sanitize: the C++ CPU kernels built once with AddressSanitizer and
 # UndefinedBehaviorSanitizer (every report fatal), and the row-op suite, the bad-input

@@ -1,10 +1,16 @@
-"""CPU benchmark of the row ops: C++ kernels against eager PyTorch, side by side in one process.
+"""CPU benchmark of the row ops: C++ kernels against eager PyTorch and torch.compile, side
+by side in one process.
 
-For each op and vocabulary size: median forward+backward time, and the peak memory each
-adds above its inputs (measured in a fresh process). "eager" is the loss as a PyTorch user
-writes it (log_softmax, gather, kl_div, …); ours runs with reduction="mean" (the CPU fast
-path writes the gradient during the forward), with reduction="none" (separate backward),
-and in place (the gradient overwrites the logits).
+For each op and vocabulary size: median forward+backward time (wall and CPU time: on a
+shared machine the CPU time of the process, all its threads, is the steadier measure), and
+the peak memory each adds above its inputs (measured in a fresh process). "eager" is the
+loss as a PyTorch user writes it (log_softmax, gather, kl_div, …); "compile" the same
+function under torch.compile (inductor, which writes fused C++ for it; compiled and warmed
+up once, outside the timing); ours runs with reduction="mean" (the CPU fast path writes the
+gradient during the forward), with reduction="none" (separate backward), and in place (the
+gradient overwrites the logits). "alternating": ours timed in a loop where every call
+follows a call of the compiled loss, as in a process that also runs compiled code (a user
+who compiles the model); it should stay within 10 % of ours alone.
 
     python benchmarks/bench_cpu_ops.py                 # N = 2048, V = 32000 and 128256, fp32
     python benchmarks/bench_cpu_ops.py --rows 256 --vocab 4096 --repeats 3   # a quick look
@@ -13,13 +19,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
+import statistics
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import unlearn_ext as ue  # noqa: E402
-from common import cpu_peak_extra_bytes, machine, median_time, write_json  # noqa: E402
+from common import cpu_peak_extra_bytes, machine, write_json  # noqa: E402
 from eager import ALPHA, GAMMA, eager  # noqa: E402
 
 OPS = ["token_logprob", "cross_entropy", "forward_kl", "reverse_kl", "rkld", "undial"]
@@ -40,6 +49,33 @@ IMPLS = {
 }
 
 
+def _usage():
+    """(CPU seconds, minor page faults) of this process so far, all threads."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime, r.ru_minflt
+
+
+def time_both(fn, before=None, warmup=1, repeats=5):
+    """Medians of (wall s, CPU s, minor page faults) of fn(), each call preceded by before()
+    (untimed). The faults tell a fresh buffer's first touch (4 KiB pages where the kernel
+    found no huge page) from time lost to other threads."""
+    for _ in range(warmup):
+        if before:
+            before()
+        fn()
+    walls, cpus, faults = [], [], []
+    for _ in range(repeats):
+        if before:
+            before()
+        (c0, f0), w0 = _usage(), time.perf_counter()
+        fn()
+        walls.append(time.perf_counter() - w0)
+        c1, f1 = _usage()
+        cpus.append(c1 - c0)
+        faults.append(f1 - f0)
+    return statistics.median(walls), statistics.median(cpus), statistics.median(faults)
+
+
 def make_inputs(op, rows, vocab):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(rows, vocab, generator=g) * 3
@@ -53,6 +89,12 @@ def fwd_bwd(impl, op, x, teachers, y):
     leaf = x.detach().requires_grad_(True)
     logits = leaf * 1.0 if impl == "ours_inplace" else leaf
     IMPLS[impl](op, logits, teachers, y).backward()
+    return leaf.grad
+
+
+def _compiled_fwd_bwd(compiled, x):
+    leaf = x.detach().requires_grad_(True)
+    compiled(leaf).backward()
     return leaf.grad
 
 
@@ -91,27 +133,41 @@ def main():
         sys.exit(f"the C++ CPU extension is not available: {ue.backends()['cpu'].detail}")
 
     rows_out = []
-    print(f"# {machine()}; N = {args.rows}, fp32, forward+backward, median of {args.repeats}")
-    print(f"{'op':14} {'V':>7} {'eager ms':>9} {'ours ms':>8} {'speedup':>7} {'none ms':>8} "
-          f"{'eager MB':>9} {'ours MB':>8} {'inplace MB':>10} {'mem ratio':>9}")
+    print(f"# {machine()}; N = {args.rows}, fp32, forward+backward, median of {args.repeats}; "
+          f"load average {os.getloadavg()[0]:.1f} at the start; ms wall (CPU time of the process)")
+    print(f"{'op':14} {'V':>7} {'eager':>15} {'compile':>15} {'ours':>15} {'x eager':>7} {'x compile':>9} "
+          f"{'alternating':>15} {'alt/alone':>9} {'faults':>13} {'none':>8} {'eager MB':>9} {'ours MB':>8} {'mem ratio':>9}")
     for vocab in args.vocab:
         for op in args.ops:
             x, teachers, y = make_inputs(op, args.rows, vocab)
-            times = {impl: median_time(lambda impl=impl: fwd_bwd(impl, op, x, teachers, y), repeats=args.repeats)
-                     for impl in ("eager", "ours", "ours_none")}
+            run = {impl: (lambda impl=impl: fwd_bwd(impl, op, x, teachers, y)) for impl in IMPLS}
+            compiled = torch.compile(lambda leaf, op=op: eager(op, leaf, teachers, y))
+            run["compile"] = lambda: _compiled_fwd_bwd(compiled, x)
+            run["compile"]()  # compiles (forward and backward graphs): outside the timing
+            times = {impl: time_both(run[impl], repeats=args.repeats) for impl in ("eager", "compile", "ours",
+                                                                                     "ours_none")}
+            times["alternating"] = time_both(run["ours"], before=run["compile"], repeats=args.repeats)
             mem = {}
             if not args.no_memory:
                 for impl in ("eager", "ours", "ours_inplace"):
                     case = _Case(impl, op, args.rows, vocab)
                     mem[impl] = cpu_peak_extra_bytes(case.setup, case.run)
             row = {"op": op, "rows": args.rows, "vocab": vocab, "dtype": "float32",
-                   **{f"{k}_s": v for k, v in times.items()}, **{f"{k}_peak_extra_bytes": v for k, v in mem.items()}}
+                   **{f"{k}_s": v[0] for k, v in times.items()}, **{f"{k}_cpu_s": v[1] for k, v in times.items()},
+                   **{f"{k}_minor_faults": v[2] for k, v in times.items()},
+                   **{f"{k}_peak_extra_bytes": v for k, v in mem.items()}}
             rows_out.append(row)
             mb = lambda k: f"{mem[k] / 2**20:.0f}" if k in mem else "-"  # noqa: E731
             ratio = f"{mem['ours'] / mem['eager']:.2f}" if mem.get("eager") else "-"
-            print(f"{op:14} {vocab:7} {times['eager'] * 1e3:9.1f} {times['ours'] * 1e3:8.1f} "
-                  f"{times['eager'] / times['ours']:6.2f}x {times['ours_none'] * 1e3:8.1f} "
-                  f"{mb('eager'):>9} {mb('ours'):>8} {mb('ours_inplace'):>10} {ratio:>9}", flush=True)
+            ms = lambda k: f"{times[k][0] * 1e3:.0f} ({times[k][1] * 1e3:.0f})"  # noqa: E731
+            cpu_ratio = lambda a, b: times[a][1] / times[b][1]  # noqa: E731
+            print(f"{op:14} {vocab:7} {ms('eager'):>15} {ms('compile'):>15} {ms('ours'):>15} "
+                  f"{cpu_ratio('eager', 'ours'):6.2f}x {cpu_ratio('compile', 'ours'):8.2f}x {ms('alternating'):>15} "
+                  f"{cpu_ratio('alternating', 'ours'):9.2f} {times['ours'][2]:6.0f}/{times['alternating'][2]:<6.0f} "
+                  f"{times['ours_none'][0] * 1e3:8.0f} "
+                  f"{mb('eager'):>9} {mb('ours'):>8} {ratio:>9}", flush=True)
+    print("x eager, x compile and alt/alone are CPU-time ratios; faults: ours' minor page faults per call, "
+          "alone/alternating")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     write_json(args.out, rows_out, repeats=args.repeats, cpu_isa=ue.backends()["cpu"].detail)
     print(f"wrote {args.out}")

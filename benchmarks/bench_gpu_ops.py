@@ -9,13 +9,19 @@ Each case is a forward + backward from logits, reduction "mean" (no ignored rows
 loss = f(logits, ...), then torch.autograd.grad(loss, logits), so that every
 implementation returns its gradient as it makes it (no accumulation into .grad, which
 would clone an in-place gradient). Implementations:
-  cuda, triton          our kernels (the forward writes the gradient; see _backends.py)
+  cuda, triton          our kernels through the op layer (unlearn_ext.ops): which kernel
+                        writes the gradient (the forward, on the fused path, or the backward
+                        kernel) is the op layer's choice, not this script's
   cuda_inplace          the same, gradient written over the logits (inplace_backward=True)
   eager                 the reference ops (float32 math on the inputs' dtype)
   compile               torch.compile of the reference ops (dynamic shapes: one compile per op)
-  liger                 LigerCrossEntropyLoss; LigerKLDIVLoss(log_target=True) on log_softmax
-                        of both (forward KL); LigerJSD(beta=1) on log_softmax of both
-                        (reverse KL: Liger's input is the student, its target the teacher)
+  liger                 Liger-Kernel's autograd functions from its ops modules (never its
+                        transformers patches): LigerCrossEntropyFunction (it writes the
+                        gradient over the logits during the forward, like cuda_inplace);
+                        LigerKLDivLossFunction(log_target=True) on log_softmax of both
+                        (forward KL); LigerJSDFunction(beta=1) on log_softmax of both (reverse
+                        KL: Liger's input is the student, its target the teacher). Those two
+                        take log-probabilities: the eager log_softmax is part of their time
 Time: CUDA events around each step, median of --repeats after --warmup; inputs rotate
 through enough copies to exceed twice the L2 cache (at these sizes, one copy). Memory: the
 allocator's peak during one step above the inputs; "beyond grad" subtracts the gradient
@@ -23,8 +29,9 @@ each implementation must return (nothing for in-place). Bytes floor (REFERENCES.
 inputs read once and the gradient written once, 2·N·V·b for one input, 3·N·V·b with a
 teacher, 4·N·V·b for RKLD; achieved bandwidth = floor / time, against a device-to-device
 copy measured here. Cases run until --time-budget is spent (torch.compile last: it spends
-the most on compiling); the rest are listed as skipped. Writes gpu_ops.csv and
-gpu_ops.json to --out.
+the most on compiling); the rest are listed as skipped. Writes <name>.csv and <name>.json
+(--name, default gpu_ops) to --out, rewritten after every case, so a run cut short keeps
+what it measured.
 """
 from __future__ import annotations
 
@@ -63,21 +70,22 @@ def reference(op):
 
 def liger(op):
     """Liger-Kernel's loss for the op from logits, or a string saying why there is none."""
-    try:
-        from liger_kernel.transformers import LigerCrossEntropyLoss, LigerJSD, LigerKLDIVLoss
+    if op not in ("cross_entropy", "forward_kl", "reverse_kl"):
+        return "Liger-Kernel has no such op"
+    try:  # the ops modules alone: liger_kernel.transformers would import and patch model code
+        from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
+        from liger_kernel.ops.jsd import LigerJSDFunction
+        from liger_kernel.ops.kl_div import LigerKLDivLossFunction
     except ImportError as exc:
         return f"Liger-Kernel not importable ({exc})"
     log_softmax = torch.log_softmax
-    if op == "cross_entropy":
-        ce = LigerCrossEntropyLoss()
-        return lambda x, ts, y: ce(x, y)
-    if op == "forward_kl":
-        kl = LigerKLDIVLoss(reduction="batchmean", log_target=True)
-        return lambda x, ts, y: kl(log_softmax(x, -1), log_softmax(ts[0], -1))
-    if op == "reverse_kl":
-        jsd = LigerJSD(beta=1.0)
-        return lambda x, ts, y: jsd(log_softmax(x, -1), log_softmax(ts[0], -1))
-    return "Liger-Kernel has no such op"
+    if op == "cross_entropy":  # (input, target, weight, ignore_index, lse_square_scale, label_smoothing, reduction)
+        return lambda x, ts, y: LigerCrossEntropyFunction.apply(x, y, None, -100, 0.0, 0.0, "mean")[0]
+    if op == "forward_kl":  # (y_pred, y_true, reduction, log_target)
+        return lambda x, ts, y: LigerKLDivLossFunction.apply(log_softmax(x, -1), log_softmax(ts[0], -1),
+                                                             "batchmean", True)
+    # reverse KL: (input, target, shift_labels, beta)
+    return lambda x, ts, y: LigerJSDFunction.apply(log_softmax(x, -1), log_softmax(ts[0], -1), None, 1.0)
 
 
 def implementation(impl, op, compiled):
@@ -164,7 +172,7 @@ def copy_bandwidth(nbytes=2**31, repeats=20):
 def versions():
     out = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": torch.cuda.get_device_name(),
            "backends": {k: repr(v) for k, v in ue.backends().items()}}
-    for dist in ("triton", "liger-kernel"):
+    for dist in ("triton", "liger-kernel", "cut-cross-entropy"):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -198,6 +206,29 @@ def run_case(impl, op, vocab, args, compiled, copy_bw):
             "floor_bytes": floor, "gbps": gbps, "pct_copy": 100 * gbps * 1e9 / copy_bw, "note": ""}
 
 
+FIELDS = ["op", "vocab", "rows", "dtype", "impl", "ms", "gbps", "pct_copy", "speedup_vs_eager", "speedup_vs_liger",
+          "peak_extra_bytes", "beyond_grad_bytes", "floor_bytes", "note"]
+
+
+def save(results, args, copy_bw):
+    """Writes what is measured so far (speedups against eager and Liger filled in)."""
+    eager_ms = {(r["op"], r["vocab"]): r["ms"] for r in results if r["impl"] == "eager" and "ms" in r}
+    liger_ms = {(r["op"], r["vocab"]): r["ms"] for r in results if r["impl"] == "liger" and "ms" in r}
+    for r in results:
+        key = (r["op"], r["vocab"])
+        if "ms" in r and key in eager_ms:
+            r["speedup_vs_eager"] = eager_ms[key] / r["ms"]
+        if "ms" in r and key in liger_ms:
+            r["speedup_vs_liger"] = liger_ms[key] / r["ms"]
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, args.name + ".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(results)
+    write_json(os.path.join(args.out, args.name + ".json"), results, copy_bytes_per_s=copy_bw, versions=versions(),
+               repeats=args.repeats, warmup=args.warmup)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=16384)
@@ -209,6 +240,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--time-budget", type=float, default=float("inf"), help="seconds; later cases are skipped")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--name", default="gpu_ops", help="file name of the results, without .csv/.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_gpu_ops.py needs a CUDA device")
@@ -233,6 +265,7 @@ def main():
             else:
                 row = run_case(impl, op, vocab, args, compiled, copy_bw)
             results.append(row)
+            save(results, args, copy_bw)
             if "ms" in row:
                 print(f"{op:14} {vocab:7} {impl:13} {row['ms']:9.2f} ms {row['gbps']:7.0f} GB/s "
                       f"{row['pct_copy']:5.1f}% of copy  peak +{row['peak_extra_bytes'] / 2**30:6.2f} GiB "
@@ -240,31 +273,13 @@ def main():
             elif not row["note"].startswith("skipped"):
                 print(f"{op:14} {vocab:7} {impl:13} {row['note']}", flush=True)
 
-    eager_ms = {(r["op"], r["vocab"]): r["ms"] for r in results if r["impl"] == "eager" and "ms" in r}
-    liger_ms = {(r["op"], r["vocab"]): r["ms"] for r in results if r["impl"] == "liger" and "ms" in r}
-    for r in results:
-        key = (r["op"], r["vocab"])
-        if "ms" in r and key in eager_ms:
-            r["speedup_vs_eager"] = eager_ms[key] / r["ms"]
-        if "ms" in r and key in liger_ms:
-            r["speedup_vs_liger"] = liger_ms[key] / r["ms"]
-
-    os.makedirs(args.out, exist_ok=True)
-    fields = ["op", "vocab", "rows", "dtype", "impl", "ms", "gbps", "pct_copy", "speedup_vs_eager",
-              "speedup_vs_liger", "peak_extra_bytes", "beyond_grad_bytes", "floor_bytes", "note"]
-    with open(os.path.join(args.out, "gpu_ops.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(results)
-    write_json(os.path.join(args.out, "gpu_ops.json"), results, copy_bytes_per_s=copy_bw, versions=versions(),
-               repeats=args.repeats, warmup=args.warmup)
-
-    print(f"\n# summary (ours: the CUDA kernels; targets: >= 70 % of copy bandwidth, >= 3x eager, faster than "
-          f"Liger, memory beyond the gradient O(N))\n{'op':14} {'V':>7} {'cuda ms':>8} {'% copy':>7} "
+    ours_impl = "cuda" if any(r["impl"] == "cuda" and "ms" in r for r in results) else "triton"
+    print(f"\n# summary (ours: the {ours_impl} kernels; targets: >= 70 % of copy bandwidth, >= 3x eager, faster than "
+          f"Liger, memory beyond the gradient O(N))\n{'op':14} {'V':>7} {ours_impl + ' ms':>8} {'% copy':>7} "
           f"{'x eager':>8} {'x compile':>9} {'x liger':>8} {'beyond grad MiB':>15}")
     by_key = {(r["op"], r["vocab"], r["impl"]): r for r in results}
     for vocab, op in itertools.product(vocabs, ops):
-        ours_row = by_key.get((op, vocab, "cuda"), {})
+        ours_row = by_key.get((op, vocab, ours_impl), {})
         if "ms" not in ours_row:
             continue
 
@@ -274,7 +289,7 @@ def main():
 
         print(f"{op:14} {vocab:7} {ours_row['ms']:8.2f} {ours_row['pct_copy']:7.1f} {ratio('eager'):>8} "
               f"{ratio('compile'):>9} {ratio('liger'):>8} {ours_row['beyond_grad_bytes'] / 2**20:15.1f}")
-    print(f"wrote {os.path.join(args.out, 'gpu_ops.csv')} and gpu_ops.json")
+    print(f"wrote {os.path.join(args.out, args.name)}.csv and .json")
 
 
 if __name__ == "__main__":

@@ -278,7 +278,7 @@ def row_op_cases(op, device):
     cases += [(ValueError, ["softcap", "positive"], lambda **kw: call(x, teachers, y, softcap=0.0, **kw)),
               (ValueError, ["softcap", "positive"], lambda **kw: call(x, teachers, y, softcap=-30.0, **kw)),
               (ValueError, ["softcap", "finite"], lambda **kw: call(x, teachers, y, softcap=float("nan"), **kw)),
-              (TypeError, ["softcap", "number"], lambda **kw: call(x, teachers, y, softcap="30", **kw))]
+              (TypeError, ["softcap", "number"], lambda **kw: call(x, teachers, y, softcap=[30.0], **kw))]
     return cases
 
 

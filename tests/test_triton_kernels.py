@@ -31,7 +31,7 @@ import test_rkld
 import test_token_logprob
 import test_undial
 from conftest import KERNEL_BACKEND_DEVICES
-from row_op_suite import assert_elementwise, make_inputs, run
+from row_op_suite import OpSpec, assert_elementwise, make_inputs, run
 
 triton = pytest.importorskip("triton", reason="Triton is not installed (it has no wheel for this platform)")
 
@@ -45,6 +45,7 @@ OPS = list(OP_CODES)
 SPECS = {suite.spec.name: suite.spec for suite in (  # modules, not classes: pytest would collect them again
     test_token_logprob.TestTokenLogprob, test_cross_entropy.TestCrossEntropy, test_forward_kl.TestForwardKL,
     test_reverse_kl.TestReverseKL, test_rkld.TestRKLD, test_undial.TestUnDIAL)}
+SPECS["jsd"] = OpSpec("jsd", teachers=1, labels_required=False)  # beta: RowParams' default, 0.5
 TRITON = [pytest.param(p, id=f"{p[0]}-{p[1]}") for p in KERNEL_BACKEND_DEVICES if p[0] == "triton"] or [
     pytest.param(None, marks=pytest.mark.skip(reason="the triton backend cannot run in this process ("
                                               + ue.backends()["triton"].detail + "); `make test` runs these "
@@ -56,9 +57,18 @@ H100 = 9  # compute capability major
 VOCAB = 131072
 
 
-def _compile(kernel, constexprs, num_warps):
+# What Triton's launcher marks divisible by 16 (tt.divisibility) when the tensors are
+# aligned, as contiguous [N, V] tensors from the allocator with V a multiple of 16 are:
+# every pointer, each tensor's strides (0 counts: a 2-D tensor's outer one), and V.
+ALIGNED = ("S", "T", "T2", "G", "LABELS", "VALUES", "STATS", "GRAD_ROWS", "s_inner", "t_inner", "t2_inner", "g_inner",
+           "s_outer", "t_outer", "t2_outer", "g_outer",
+           "V")
+
+
+def _compile(kernel, constexprs, num_warps, aligned):
     """The kernel compiled for sm_90: bf16 student and gradient, float32 teachers (mixed
-    dtypes), int32 scalars as Triton passes them."""
+    dtypes), int32 scalars as Triton passes them; `aligned`: the variant that aligned
+    tensors run (ALIGNED divisible by 16), else the one that any tensor may run."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -68,7 +78,9 @@ def _compile(kernel, constexprs, num_warps):
               "one_minus_beta")
     signature = {name: "constexpr" if name in constexprs else pointers.get(name, "fp32" if name in floats else "i32")
                  for name in kernel.arg_names}
-    return triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+             if aligned and name in ALIGNED and name not in constexprs}
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": num_warps, "enable_fp_fusion": True})
 
 
@@ -85,8 +97,9 @@ def _local_memory_bytes(cubin: bytes) -> int:
 
 
 @pytest.mark.skipif(INTERPRETED, reason="TRITON_INTERPRET=1: the kernels are interpreted, there is nothing to compile")
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
 @pytest.mark.parametrize("op", OPS)
-def test_kernels_compile_for_h100_without_spills(op):
+def test_kernels_compile_for_h100_without_spills(op, aligned):
     common = dict(OP=OP_CODES[op], HAS_LABELS=True, NEEDS_LABEL=op in NEEDS_LABEL)
     block, warps = gpu_config("forward", op, VOCAB, H100)
     bblock, bwarps = gpu_config("backward", op, VOCAB, H100)
@@ -95,7 +108,7 @@ def test_kernels_compile_for_h100_without_spills(op):
                 (row_forward_kernel, dict(common, WRITE_GRAD=True, BLOCK=block), warps),
                 (row_backward_kernel, dict(common, BLOCK=bblock), bwarps)]
     for kernel, constexprs, num_warps in launches:
-        compiled = _compile(kernel, constexprs, num_warps)
+        compiled = _compile(kernel, constexprs, num_warps, aligned)
         what = f"{kernel.__name__} {constexprs}"
         assert _local_memory_bytes(compiled.asm["cubin"]) == 0, f"{what} spills registers"
         # Row r starts at a 64-bit offset from each input's base (N * V may exceed 2^31).
@@ -105,6 +118,8 @@ def test_kernels_compile_for_h100_without_spills(op):
             name = f"(?:{base}|arg{kernel.arg_names.index(base)})"  # Triton < 3.6 numbers its arguments
             offsets = re.findall(rf"tt\.addptr %{name}, %\S+ : !tt\.ptr<\w+>, (\w+)", ttir)
             assert offsets and set(offsets) == {"i64"}, f"{what}: row offsets of {base} are {offsets}, not i64"
+        if aligned:  # the hint reached the code: the student's blocks load as 16-byte vectors
+            assert re.search(r"ld\.global(\.\w+)*\.v4\.b32", compiled.asm["ptx"]), f"{what}: no 16-byte loads"
 
 
 # ---- backend behaviour ------------------------------------------------------------------------

@@ -28,8 +28,11 @@ def _row_mask(logits: torch.Tensor, labels: torch.Tensor | None, ignore_index: i
 
 
 def softcap_logits(x: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    """Gemma-2's logit soft-capping c·tanh(x / c); None or 0: x unchanged."""
-    return x if not softcap else softcap * torch.tanh(x / softcap)
+    """Gemma-2's logit soft-capping c·tanh(x / c); None or 0: x unchanged. Masked logits
+    (-inf) stay masked."""
+    if not softcap:
+        return x
+    return torch.where(x == float("-inf"), x, softcap * torch.tanh(x / softcap))
 
 
 def _log_softmax(x: torch.Tensor, temperature: float, dtype: torch.dtype, softcap: float | None = None) -> torch.Tensor:

@@ -68,7 +68,8 @@ struct RowConsts {
 
 // The student's logit as the loss sees it: softcapped, c tanh(z / c), when c > 0, then
 // divided by the temperature. dcap = d capped / dz = 1 - tanh^2, the factor that the
-// gradient w.r.t. the raw logit carries (exactly 1 without a softcap).
+// gradient w.r.t. the raw logit carries (exactly 1 without a softcap). A masked logit
+// (-inf) stays masked: capping it to -c would give masked tokens probability.
 template <typename T, typename Tanh>
 UE_HD T student_logit(T z, const RowConsts<T>& c, T& dcap, Tanh tanh_fn) {
   if (c.softcap == T(0)) {
@@ -76,8 +77,9 @@ UE_HD T student_logit(T z, const RowConsts<T>& c, T& dcap, Tanh tanh_fn) {
     return z * c.inv_temperature;
   }
   const T th = tanh_fn(z * c.inv_softcap);
-  dcap = T(1) - th * th;
-  return c.softcap * th * c.inv_temperature;
+  const bool masked = z == neg_inf<T>();
+  dcap = masked ? T(1) : T(1) - th * th;  // a masked logit passes through unchanged
+  return masked ? z : c.softcap * th * c.inv_temperature;
 }
 
 // A maximum that is safe to subtract: a row that is -inf so far shifts by 0, so that

@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #include <cuda_fp16.h>
@@ -105,6 +106,31 @@ UE_HD void vec_set(Raw16& r, int i, float x) {  // r starts zeroed
   }
 }
 
+// A whole vector from floats: on sm_80 and later two elements per conversion instruction
+// (cvt.rn.{bf16,f16}x2.f32: round to nearest even, as vec_set; a NaN stays a NaN).
+template <Path P>
+UE_HD void pack_vec(Raw16& r, const float (&x)[vec_elems(P)]) {
+  if constexpr (P == Path::kFloat32) {
+    UE_UNROLL
+    for (int i = 0; i < 4; ++i) r.w[i] = float_to_bits(x[i]);
+  } else {
+    UE_UNROLL
+    for (int i = 0; i < 4; ++i) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+      if constexpr (P == Path::kBFloat16) {
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r.w[i]) : "f"(x[2 * i + 1]), "f"(x[2 * i]));
+      } else {
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r.w[i]) : "f"(x[2 * i + 1]), "f"(x[2 * i]));
+      }
+#else
+      r.w[i] = 0u;
+      vec_set<P>(r, 2 * i, x[2 * i]);
+      vec_set<P>(r, 2 * i + 1, x[2 * i + 1]);
+#endif
+    }
+  }
+}
+
 // 16-byte load for pass 1, cached in L2 only (pass 2 may read it again from there).
 UE_HD Raw16 load16(const void* p) {
 #if defined(__CUDA_ARCH__)
@@ -184,6 +210,21 @@ struct FastExp {
   }
   UE_HDM double operator()(double x) const { return ::exp(x); }
 };
+// 2^x as the hardware's ex2.approx.ftz (subnormal results flushed to 0), for the hot
+// loops, whose callers scale the argument by log2(e) themselves: __expf would add a
+// range test and two multiplies around every exponential.
+UE_HDM float exp2_ftz(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  const float y = std::exp2(x);
+  return y < FLT_MIN ? 0.0f : y;
+#endif
+}
+constexpr float kLog2e = 1.44269504088896341f;
+
 // Once per row: the precise functions.
 struct Exp {
   UE_HDM float operator()(float x) const { return ::expf(x); }
@@ -296,15 +337,15 @@ struct Tile {
 };
 
 // Loads the thread's vectors of the tile starting at vector `start` (all loads issued
-// before any is used).
-template <Op op, Path P, bool last_read>
+// before any is used). guarded: the tile may end past the row (else every vector is in it).
+template <Op op, Path P, bool last_read, bool guarded = true>
 UE_HD void load_tile(const RowArgs& a, const RowPlan& p, int64_t start, int tid, int nthreads, Tile<op, P>& tile) {
   constexpr int N = vec_elems(P);
   const RowView* views[3] = {&a.student, &a.teacher, &a.teacher2};
   UE_UNROLL
   for (int u = 0; u < Tile<op, P>::kUnroll; ++u) {
     const int64_t v = start + static_cast<int64_t>(u) * nthreads + tid;
-    if (v < p.nvec) {
+    if (!guarded || v < p.nvec) {
       UE_UNROLL
       for (int k = 0; k < Tile<op, P>::kInputs; ++k) {
         const void* ptr = vec_ptr<P>(*views[k], p.off[k] + p.vec_begin + v * N);
@@ -407,6 +448,139 @@ UE_HD void for_scalars(const RowArgs& a, const RowPlan& p, const Params<T>& q, i
   }
 }
 
+// ---- the hot loops: full tiles of a long row -----------------------------------------
+// Every vector of a full tile lies in the row and none holds the label (the tile that
+// holds it, and the row's last, partial tile, go through the general code above), so the
+// per-element work has no bounds or label test. Per element: the raw value unpacked,
+// fmaxf for the maxima (NaN never wins: it reaches the sums), the shift s/tau - m as one
+// FFMA (one rounding: logits of 1e4 keep their digits), exp as ex2.approx.ftz of the shift
+// times log2(e). 1/tau is folded into that FFMA (the maxima of the raw values, scaled once
+// per tile: 1/tau > 0 keeps their order), so tau = 1 costs nothing. The state moves to
+// the tile's maxima once per tile, branch-free.
+
+// Whether a launch's full tiles take the hot loops below: the plain losses. A softcap,
+// cross entropy's label smoothing or z-loss, and JSD take the general code for every tile.
+template <Op op>
+UE_HD bool fast_tiles(const Params<float>& q) {
+  return op != Op::kJSD && q.softcap == 0.0f &&
+         (op != Op::kCrossEntropy || (q.smoothing == 0.0f && q.z_scale == 0.0f));
+}
+template <Op op>
+UE_HD bool fast_tiles(const Params<double>&) {
+  return false;
+}
+
+// The tile that holds the label (token ops: left out of ss; UnDIAL: its teacher is
+// shifted there), as its first vector, or -1.
+template <Op op, Path P>
+UE_HD int64_t label_tile(const RowPlan& p, int64_t step) {
+  if (!needs_label(op) || p.label < p.vec_begin) return -1;
+  const int64_t v = (p.label - p.vec_begin) / vec_elems(P);
+  return v < p.nvec ? v / step * step : -1;
+}
+
+// row_math.h's rescale without a branch: the factor 2^((old - new) log2 e) is exactly 1
+// when a maximum stays, and 0 when both are -inf (NaN difference; the sums are 0 then).
+template <Op op>
+UE_HD void rescale_tile(RowState<float>& r, float ms, float mt) {
+  const float fs = exp2_ftz(fmaxf(r.ms - ms, -INFINITY) * kLog2e);
+  const float ft = exp2_ftz(fmaxf(r.mt - mt, -INFINITY) * kLog2e);
+  const float ds = safe_max(r.ms) - safe_max(ms);  // old shift - new shift (<= 0)
+  const float dt = safe_max(r.mt) - safe_max(mt);
+  r.ss *= fs;
+  if constexpr (num_teachers(op) >= 1) r.st *= ft;
+  if constexpr (op == Op::kForwardKL) {
+    r.acc = r.acc * ft + (dt - ds) * r.st;
+  } else if constexpr (op == Op::kReverseKL || op == Op::kRKLD) {
+    r.acc = r.acc * fs + (ds - dt) * r.ss;
+  } else if constexpr (op == Op::kUnDIAL) {
+    r.acc = r.acc * ft + ds * r.st;
+  }
+  r.ms = ms;
+  r.mt = mt;
+}
+
+// Pass 1 over a full tile already in `tile`.
+template <Op op, Path P>
+UE_HD void accumulate_full_tile(RowState<float>& st, const Tile<op, P>& tile, const Params<float>& q) {
+  constexpr int N = vec_elems(P), U = Tile<op, P>::kUnroll;
+  float s[U][N], t[U][N];
+  float ms_raw = -INFINITY, mt_raw = -INFINITY;
+  UE_UNROLL
+  for (int u = 0; u < U; ++u) {
+    UE_UNROLL
+    for (int e = 0; e < N; ++e) {
+      s[u][e] = vec_get<P>(tile.v[0][u], e);
+      ms_raw = fmaxf(ms_raw, s[u][e]);
+      if constexpr (num_teachers(op) >= 1) {
+        const float t2 = num_teachers(op) >= 2 ? vec_get<P>(tile.v[num_teachers(op)][u], e) : 0.0f;
+        t[u][e] = teacher_logit<op, float>(vec_get<P>(tile.v[1][u], e), t2, false, q.alpha, q.gamma);
+        mt_raw = fmaxf(mt_raw, t[u][e]);
+      }
+    }
+  }
+  rescale_tile<op>(st, fmaxf(st.ms, ms_raw * q.inv_temperature), fmaxf(st.mt, mt_raw * q.inv_temperature));
+  const float ms0 = safe_max(st.ms), mt0 = safe_max(st.mt);
+  UE_UNROLL
+  for (int u = 0; u < U; ++u) {
+    UE_UNROLL
+    for (int e = 0; e < N; ++e) {
+      const float ds = fmaf(s[u][e], q.inv_temperature, -ms0);
+      const float es = exp2_ftz(ds * kLog2e);
+      st.ss += es;
+      if constexpr (num_teachers(op) >= 1) {
+        const float dt = fmaf(t[u][e], q.inv_temperature, -mt0);
+        const float et = exp2_ftz(dt * kLog2e);
+        st.st += et;
+        if constexpr (op == Op::kForwardKL) {
+          st.acc += et == 0.0f ? 0.0f : et * (dt - ds);
+        } else if constexpr (op == Op::kReverseKL || op == Op::kRKLD) {
+          st.acc += es == 0.0f ? 0.0f : es * (ds - dt);
+        } else if constexpr (op == Op::kUnDIAL) {  // (JSD never comes here: fast_tiles)
+          st.acc += et == 0.0f ? 0.0f : et * ds;
+        }
+      }
+    }
+  }
+}
+
+// Pass 2 over a full tile already in `tile`: the gradient (row_math.h's grad_elem, with
+// the same exponentials as pass 1), stored as 16-byte vectors.
+template <Op op, Path P>
+UE_HD void grad_full_tile(const RowArgs& a, const RowPlan& p, const Tile<op, P>& tile, int64_t start, int tid,
+                          int nthreads, const Params<float>& q, const float (&stats)[kNumStats], float g) {
+  constexpr int N = vec_elems(P), U = Tile<op, P>::kUnroll;
+  const float lse_s = stats[1] * kLog2e, lse_t = stats[3] * kLog2e;
+  UE_UNROLL
+  for (int u = 0; u < U; ++u) {
+    Raw16 out;
+    float gr[N];
+    UE_UNROLL
+    for (int e = 0; e < N; ++e) {
+      const float s = vec_get<P>(tile.v[0][u], e);
+      const float ds = fmaf(s, q.inv_temperature, -stats[0]);
+      const float pr = exp2_ftz(fmaf(ds, kLog2e, -lse_s));
+      float grad;
+      if constexpr (num_teachers(op) == 0) {
+        grad = op == Op::kTokenLogprob ? -g * pr : g * pr;
+      } else {
+        const float t2 = num_teachers(op) >= 2 ? vec_get<P>(tile.v[num_teachers(op)][u], e) : 0.0f;
+        const float t = teacher_logit<op, float>(vec_get<P>(tile.v[1][u], e), t2, false, q.alpha, q.gamma);
+        const float dt = fmaf(t, q.inv_temperature, -stats[2]);
+        if constexpr (op == Op::kReverseKL || op == Op::kRKLD) {
+          grad = pr == 0.0f ? 0.0f : g * pr * ((ds - dt) - stats[3]);
+        } else {
+          grad = g * (pr - exp2_ftz(fmaf(dt, kLog2e, -lse_t)));
+        }
+      }
+      gr[e] = grad;
+    }
+    pack_vec<P>(out, gr);
+    const int64_t v = start + static_cast<int64_t>(u) * nthreads + tid;
+    store16(vec_ptr<P>(a.grad, p.off[3] + p.vec_begin + v * N), out);
+  }
+}
+
 // Whether the row fits in registers: one tile of vectors (each thread holds all of its
 // vectors) and no more than a vector's worth of elements around them. Such a row takes
 // its maxima first and its sums after (thread_max, block maxima, thread_sums): nothing
@@ -456,11 +630,29 @@ UE_HD RowState<T> thread_state(const RowArgs& a, const RowPlan& p, const Params<
   RowState<T> st = empty_state<T>();
   auto add = [&](const auto& s, const auto& t, const auto&, int64_t j0) { accumulate<op, T>(st, s, t, j0, p.label); };
   if constexpr (P != Path::kScalar) {
+    static_assert(std::is_same<T, float>::value, "vector paths compute in float");
     const int64_t step = static_cast<int64_t>(nthreads) * Tile<op, P>::kUnroll;
-    for (int64_t start = 0; start < p.nvec; start += step) {
+    const int64_t full_end = p.nvec / step * step, at_label = label_tile<op, P>(p, step);
+    auto full_tiles = [&](int64_t begin, int64_t end) {
+      for (int64_t start = begin; start < end; start += step) {
+        load_tile<op, P, false, false>(a, p, start, tid, nthreads, tile);
+        accumulate_full_tile<op, P>(st, tile, q);
+      }
+    };
+    auto general_tile = [&](int64_t start) {
       load_tile<op, P, false>(a, p, start, tid, nthreads, tile);
       for_tile<op, T, P>(tile, p, q, start, tid, nthreads, add);
+    };
+    if (!fast_tiles<op>(q)) {
+      for (int64_t start = 0; start < p.nvec; start += step) general_tile(start);
+    } else if (at_label >= 0 && at_label < full_end) {
+      full_tiles(0, at_label);
+      general_tile(at_label);
+      full_tiles(at_label + step, full_end);
+    } else {
+      full_tiles(0, full_end);
     }
+    if (fast_tiles<op>(q) && full_end < p.nvec) general_tile(full_end);  // loaded last: cached for pass 2
   }
   for_scalars<op, T, P>(a, p, q, tid, nthreads, add);
   return st;
@@ -539,9 +731,8 @@ UE_HD void thread_grad(const RowArgs& a, const RowPlan& p, const Params<T>& q, i
   if constexpr (P != Path::kScalar) {
     constexpr int N = vec_elems(P);
     const int64_t step = static_cast<int64_t>(nthreads) * Tile<op, P>::kUnroll;
-    const int64_t last = p.nvec > 0 ? (p.nvec - 1) / step * step : -1;
-    for (int64_t start = last; start >= 0; start -= step) {
-      if (!(tile_cached && start == last)) load_tile<op, P, true>(a, p, start, tid, nthreads, tile);
+    auto general_tile = [&](int64_t start, bool cached) {
+      if (!cached) load_tile<op, P, true>(a, p, start, tid, nthreads, tile);
       for_tile<op, T, P>(tile, p, q, start, tid, nthreads, [&](const T (&s)[N], const T (&t)[N], const T (&dc)[N],
                                                                int64_t j0) {
         Raw16 out{{0u, 0u, 0u, 0u}};
@@ -550,6 +741,36 @@ UE_HD void thread_grad(const RowArgs& a, const RowPlan& p, const Params<T>& q, i
           vec_set<P>(out, e, static_cast<float>(grad_at<op, T>(s[e], t[e], dc[e], j0 + e, p.label, stats, g, q)));
         store16(vec_ptr<P>(a.grad, p.off[3] + j0), out);
       });
+    };
+    if (!fast_tiles<op>(q)) {  // every tile through the general code
+      const int64_t last = p.nvec > 0 ? (p.nvec - 1) / step * step : -1;
+      for (int64_t start = last; start >= 0; start -= step) general_tile(start, tile_cached && start == last);
+    } else {
+      // Full tiles from `from` down to `to` (tile starts, from >= to), none cached.
+      auto full_tiles = [&](int64_t from, int64_t to) {
+        for (int64_t start = from; start >= to; start -= step) {
+          load_tile<op, P, true, false>(a, p, start, tid, nthreads, tile);
+          grad_full_tile<op, P>(a, p, tile, start, tid, nthreads, q, stats, g);
+        }
+      };
+      const int64_t full_end = p.nvec / step * step, at_label = label_tile<op, P>(p, step);
+      int64_t top = full_end - step;  // the next full tile to write, downwards
+      if (full_end < p.nvec) {
+        general_tile(full_end, tile_cached);
+      } else if (tile_cached && top >= 0) {  // the last full tile is still in registers
+        if (top == at_label) {
+          general_tile(top, true);
+        } else {
+          grad_full_tile<op, P>(a, p, tile, top, tid, nthreads, q, stats, g);
+        }
+        top -= step;
+      }
+      if (at_label >= 0 && at_label <= top) {
+        full_tiles(top, at_label + step);
+        general_tile(at_label, false);
+        top = at_label - step;
+      }
+      full_tiles(top, 0);
     }
   }
   for_scalars<op, T, P>(a, p, q, tid, nthreads, [&](const T (&s)[1], const T (&t)[1], const T (&dc)[1], int64_t j) {

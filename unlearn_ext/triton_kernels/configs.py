@@ -36,7 +36,7 @@ _DEFAULT = {"forward": {1: (4096, 8), 2: (2048, 8), 3: (2048, 8)}, "backward": (
 # the interpreter, whose cost is per block. Warps mean nothing there.
 INTERPRETER_BLOCKS_PER_ROW = 3
 
-INPUTS = {"token_logprob": 1, "cross_entropy": 1, "forward_kl": 2, "reverse_kl": 2, "undial": 2, "rkld": 3}
+INPUTS = {"token_logprob": 1, "cross_entropy": 1, "forward_kl": 2, "reverse_kl": 2, "undial": 2, "jsd": 2, "rkld": 3}
 
 
 def _fit(block: int, warps: int, vocab: int) -> tuple[int, int]:

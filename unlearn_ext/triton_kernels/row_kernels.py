@@ -6,8 +6,9 @@ running maxima as scalars and its sums as per-lane vectors (row_math.online_upda
 reverse KL and RKLD walk it a second time for their weighted sum (row_math.
 reverse_kl_block). It writes the row's loss and four float32 statistics; with WRITE_GRAD
 it then walks the row again and writes the gradient (the fused path of sum/mean
-reductions). Every later walk goes in reverse, so that the blocks read last are still in
-L2. Backward: program (r, j) writes blocks
+reductions). Every later walk goes against the direction of the one before (pass 1
+forwards, reverse KL's second pass backwards, the gradient forwards again; the other ops'
+gradient backwards), so that it starts on the blocks still in L2. Backward: program (r, j) writes blocks
 [j * BLOCKS_PER_PROGRAM, (j + 1) * BLOCKS_PER_PROGRAM) of row r's gradient from the saved
 statistics, so that a few long rows still fill the GPU.
 
@@ -104,10 +105,17 @@ def row_forward_kernel(
     ss = tl.zeros([BLOCK], tl.float32)  # ... and per-lane sums shifted by them
     st = tl.zeros([BLOCK], tl.float32)
     acc = tl.zeros([BLOCK], tl.float32)
+    # Each iteration issues the next block's loads before the current block's math, so that
+    # they are in flight while it computes. `cols < limit` reads nothing past the row, and
+    # nothing at all for an ignored row (limit = 0).
+    cols = lanes
+    s, t, _ = load_block(s_row, t_row, t2_row, cols, cols < limit, y, inv_t, alpha, gamma, softcap, SOFTCAP, OP)
     for b0 in range(0, limit, BLOCK):
-        cols = b0 + lanes
-        s, t, _ = load_block(s_row, t_row, t2_row, cols, cols < V, y, inv_t, alpha, gamma, softcap, SOFTCAP, OP)
+        next_cols = b0 + BLOCK + lanes
+        next_s, next_t, _ = load_block(s_row, t_row, t2_row, next_cols, next_cols < limit, y, inv_t, alpha, gamma,
+                                       softcap, SOFTCAP, OP)
         ms, mt, ms0, mt0, ss, st, acc = online_update(s, t, cols, cols < V, y, ms, mt, ms0, mt0, ss, st, acc, OP)
+        cols, s, t = next_cols, next_s, next_t
     if OP == REVERSE_KL or OP == RKLD:  # the second pass, in reverse: its blocks are still in L2
         num_blocks = tl.cdiv(limit, BLOCK)
         for i in range(0, num_blocks):
@@ -145,12 +153,13 @@ def row_forward_kernel(
     tl.store(STATS + r * NUM_STATS + 2, tl.where(keep, stat2, 0.0))
     tl.store(STATS + r * NUM_STATS + 3, tl.where(keep, stat3, 0.0))
     tl.store(STATS + r * NUM_STATS + 4, tl.where(keep, stat4, 0.0))
-    if WRITE_GRAD:
+    if WRITE_GRAD:  # against the previous walk's direction: its last blocks are the ones still in L2
+        forwards = not (OP == REVERSE_KL or OP == RKLD or OP == JSD)
         grad_scale = tl.load(GRAD_SCALE) * inv_t  # on the device: the mean's divisor is never on the host
         _write_grad(s_row, t_row, t2_row, _row_start(G, r, g_rows, g_inner, g_outer), 0, tl.cdiv(V, BLOCK), V,
                     limit, y, inv_t, alpha, gamma, softcap, smoothing, smoothing_per_elem, z_scale, beta,
                     one_minus_beta, ms0, stat1, stat2, stat3, stat4,
-                    _nan_without_label(grad_scale, y, V, NEEDS_LABEL), True, OP, SOFTCAP, BLOCK)
+                    _nan_without_label(grad_scale, y, V, NEEDS_LABEL), forwards, OP, SOFTCAP, BLOCK)
 
 
 @triton.jit

@@ -68,7 +68,8 @@ def load_block(s_row, t_row, t2_row, cols, live, y, inv_t, alpha, gamma, softcap
     """Student and teacher logits of one block, float32, divided by the temperature; the
     student softcapped first (SOFTCAP: c tanh(z / c), Gemma-2), the teacher built from its
     raw inputs first. Also the softcap's derivative 1 - tanh^2 (1 without a softcap), which
-    the gradient w.r.t. the raw logit carries. Lanes outside `live` read -inf (they add 0).
+    the gradient w.r.t. the raw logit carries; a masked (-inf) logit stays masked. Lanes
+    outside `live` read -inf (they add 0).
 
     RKLD:   o - alpha * relu(a - o); a masked original (o = -inf) stays masked, which also
             avoids -inf - -inf when both are masked. `d < 0 ? 0 : d` keeps a NaN a NaN.
@@ -76,8 +77,8 @@ def load_block(s_row, t_row, t2_row, cols, live, y, inv_t, alpha, gamma, softcap
     s = tl.load(s_row + cols, mask=live, other=NEG_INF).to(tl.float32)
     if SOFTCAP:
         th = tanh(s / softcap)
-        dcap = 1.0 - th * th
-        s = tl.where(live, softcap * th, NEG_INF)
+        dcap = tl.where(s == NEG_INF, 1.0, 1.0 - th * th)  # a masked logit passes through unchanged
+        s = tl.where(s == NEG_INF, NEG_INF, softcap * th)  # masked logits (and lanes) stay masked
     else:
         dcap = tl.full(s.shape, 1.0, tl.float32)
     s = s * inv_t
