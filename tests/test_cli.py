@@ -224,7 +224,7 @@ def test_manifest_start_line_and_summary_without_progress_bar(capsys, files, tmp
     assert manifest["data"] == {"forget": str(files / "forget.jsonl"), "retain": str(files / "retain.json")}
     run_ = manifest["run"]
     assert run_["method"] == "npo_rt" and run_["head"] == "fused" and run_["backend"] in ("cpu", "torch")
-    assert run_["method_options"] == {"beta": 0.1, "retain_weight": 1.0}
+    assert run_["method_options"] == {"beta": 0.1, "forget_weight": 1.0, "retain_weight": 1.0, "masking": "answer"}
     assert set(manifest["versions"]) >= {"torch", "transformers", "unlearn_ext"}
     assert manifest["versions"]["torch"] == torch.__version__
     assert "git_commit" in manifest and manifest["train_config"]["lr"] == 1e-3
@@ -351,7 +351,7 @@ def test_eval_roles_are_explicit_and_the_table_is_printed(capsys, files, tmp_pat
                                                                  "held": "holdout"}
     assert result["mia_auc"] is not None and result["model_utility"] is not None
     assert "| not_forget | retain | 12 |" in out and "model_utility" in out
-    assert "evaluate:  86%" in err and "6/7" in err  # the progress bar (7 batches; the last clears it)
+    assert "evaluate:" in err and "/7 [" in err  # the progress bar (7 batches; how many updates show depends on speed)
     assert max(len(g.split()) for g in result["sets"]["mine"]["per_example"]["generation"]) <= 4
 
 

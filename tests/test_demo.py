@@ -4,6 +4,7 @@ facts, through the demo's model and data seams: SmolLM2 itself is exercised by
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from tiny_lm import FORGET, RETAIN, make_tokenizer, one_thread, trained_llama  # noqa: F401
@@ -90,7 +91,8 @@ def test_make_demo_takes_a_method(method, out):
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
     root = pathlib.Path(__file__).parents[1]
-    args = ["make", "-n", "demo"] + ([f"METHOD={method}"] if method != "npo_rt" else [])
-    done = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=60)
+    args = ["make", "-n", "--no-print-directory", "demo"] + ([f"METHOD={method}"] if method != "npo_rt" else [])
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}  # under make test
+    done = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 0, done.stderr
     assert f"-m unlearn_ext.demo --method {method} --out {out}" in done.stdout.splitlines()[-1]

@@ -21,7 +21,8 @@ from unlearn_ext.trainer import TrainConfig, TrainData, train
 
 SCRIPT = Path(__file__).with_name("distributed_script.py")
 # Short runs: enough steps at a LoRA learning rate for each objective to move the model.
-QUICK = {"rkld": {"augment_epochs": 3.0, "augment_lr": 1e-2}, "evaluator": {}}
+QUICK = {"rkld": {"augment_epochs": 3.0, "augment_lr": 1e-2}, "evaluator": {},
+         "rmu": {"layer": 1, "retain_weight": 1.0, "trainable": "all"}}  # adapters learn slower than full weights
 
 
 def lora_config(**overrides):
@@ -48,7 +49,9 @@ def test_each_method_with_lora_lowers_the_forget_likelihood_and_changes_only_ada
     for key in before:
         assert torch.equal(after[key], before[key]), key
     moved = [float(p.abs().max()) for n, p in trained.named_parameters() if "lora_B" in n]
-    assert moved and min(moved) > 0  # every adapter trained (B starts at zero)
+    # Every adapter trained (B starts at zero); RMU's loss reads layer ℓ, so only the adapters
+    # of the modules it trains (the MLPs of layers ℓ-2..ℓ) can move.
+    assert moved and (max(moved) > 0 if name == "rmu" else min(moved) > 0)
     assert answer_nll(trained, FORGET) > before_nll + 1e-3
 
 

@@ -34,6 +34,7 @@ import torch
 
 from ..adapters import feed_forward_blocks
 from ..reference import IGNORE_INDEX
+from ..train_layers import decoder_blocks
 from .base import Method, option
 
 
@@ -50,7 +51,11 @@ class RMUOptions:
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The decoder layers of a Hugging Face causal LM: its ModuleList of ``num_hidden_layers`` modules."""
+    """The decoder layers of a Hugging Face causal LM: ``get_decoder().layers`` where the
+    model has it (a LoRA reference view reaches the student's layers that way: it holds
+    them unregistered), else its ModuleList of ``num_hidden_layers`` modules."""
+    if hasattr(model, "get_decoder"):
+        return decoder_blocks(model)
     count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     for module in model.modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == count:
@@ -125,6 +130,12 @@ class RMU(Method):
             if not selected:
                 raise ValueError(f"option 'trainable': the regex {choice!r} matches no parameter name "
                                  f"(e.g. {next(n for n, _ in student.named_parameters())!r})")
+        # Within what already trains: under LoRA only the adapters of the chosen modules, so
+        # the base weights stay frozen; with --train-layers, its blocks.
+        selected = [p for p in selected if p.requires_grad]
+        if not selected:
+            raise ValueError(f"option 'trainable': {choice!r} selects no parameter that trains here "
+                             "(LoRA targets or train_layers leave none in those modules)")
         student.requires_grad_(False)
         for p in selected:
             p.requires_grad_(True)
