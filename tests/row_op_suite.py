@@ -264,9 +264,18 @@ class RowOpSuite:
             labels = torch.where(labels == IGNORE, labels, labels % v.shape[-1])
         upstream = torch.randn(v.shape[:-1], device=device)
         out, grad = run(lambda *a, **k: spec(*a, backend=name, **k), v, tv, labels, "none", upstream)
+        assert out.shape == v.shape[:-1]
+        if name == "torch":
+            # PyTorch's float32 is not held to float32 accuracy element by element (see the
+            # module docstring; reverse KL's gradient cancels): the view must give what the
+            # same computation gives on a contiguous copy.
+            ref_out, ref_grad = run(lambda *a, **k: spec(*a, backend=name, **k), v.contiguous(),
+                                    [t.contiguous() for t in tv], labels, "none", upstream)
+            torch.testing.assert_close(out, ref_out, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-7)
+            return
         ref_out, ref_grad = run(lambda *a, **k: spec(*a, backend="torch", **k), v.double(),
                                 [t.double() for t in tv], labels, "none", upstream.double())
-        assert out.shape == v.shape[:-1]
         assert_elementwise(out, ref_out, torch.float32, f"{layout} value", atol=1e-5)
         assert_elementwise(grad, ref_grad, torch.float32, f"{layout} gradient", atol=1e-6)
 
