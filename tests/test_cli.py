@@ -15,6 +15,8 @@ from tiny_lm import FORGET, RETAIN, make_tokenizer, one_thread, tiny_llama  # no
 from unlearn_ext import cli
 from unlearn_ext.methods import METHODS
 
+pytestmark = pytest.mark.as_users_run  # no test-only switches (tests/conftest.py)
+
 
 def _with_perturbed(records):
     """TOFU-style records: a paraphrase and two perturbed answers each (for truth ratios)."""

@@ -5,14 +5,9 @@ import torch
 
 import unlearn_ext as ue
 
-pytestmark = pytest.mark.skipif(not ue.backends()["cpu"].available, reason="needs the C++ CPU extension")
-
-
-@pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch):
-    """Overrides conftest's poisoning: compile must work in the configuration users run
-    (poisoned buffers skip the huge-page advice, which once broke tracing)."""
-    monkeypatch.delenv("UNLEARN_EXT_POISON", raising=False)
+# as_users_run: no poisoned buffers (they skip the huge-page advice, which once broke tracing).
+pytestmark = [pytest.mark.skipif(not ue.backends()["cpu"].available, reason="needs the C++ CPU extension"),
+              pytest.mark.as_users_run]
 
 
 def test_issue_repro_compiles_with_the_default_backend(seed):

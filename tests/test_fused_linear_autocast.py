@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 import unlearn_ext as ue
 
+pytestmark = pytest.mark.as_users_run  # no test-only switches (tests/conftest.py)
+
 B, T, H, V = 2, 6, 16, 50
 DTYPE = torch.bfloat16
 

@@ -19,6 +19,8 @@ from unlearn_ext import lora
 from unlearn_ext.methods import METHODS, FusedLinearHead, Models, get_method
 from unlearn_ext.trainer import TrainConfig, TrainData, train
 
+pytestmark = pytest.mark.as_users_run  # no test-only switches (tests/conftest.py)
+
 SCRIPT = Path(__file__).with_name("distributed_script.py")
 # Short runs: enough steps at a LoRA learning rate for each objective to move the model.
 QUICK = {"rkld": {"augment_epochs": 3.0, "augment_lr": 1e-2}, "evaluator": {},
