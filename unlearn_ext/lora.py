@@ -7,13 +7,16 @@ PEFT's layers are injected into the model itself (``peft.inject_adapter_in_model
 behind a ``PeftModel`` wrapper, so the model keeps its class: ``lm_head_inputs`` still
 finds its base model and LM head, and the trainer wraps it like any other. The LM head
 stays frozen (not a default target), so the fused-linear losses form no ``d_weight``.
+With ``train_layers`` (``LoraOptions.layers``) only the selected blocks get adapters.
 
 Since LoRA's up-projection starts at zero, the model with its adapters disabled *is* the
 starting model: NPO's, UnDIAL's and KL's reference is :class:`WithoutAdapters`, a view of
 the student that runs it with the adapters switched off. Adapters are saved in PEFT's
 format (``adapter_config.json`` + ``adapter_model.safetensors``, loadable with
 ``peft.PeftModel.from_pretrained``); :func:`merged_state_dict` folds them into the
-weights for a plain model.
+weights for a plain model. RKLD's augmented model is a second adapter on the same base
+(:func:`add_adapter`, :class:`TrainAdapter` to fine-tune it, ``WithoutAdapters(model,
+name)`` to run it as a frozen teacher).
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ class LoraOptions:
     alpha: float = 16.0         # scale alpha / r on the adapters' product
     dropout: float = 0.0
     targets: tuple[str, ...] = DEFAULT_TARGETS  # module names (suffixes) that get adapters
+    layers: str | None = None   # train_layers ("top:N", "A-B", …): adapters only in those blocks; None: all
 
 
 def parse_targets(value) -> tuple[str, ...]:
@@ -69,7 +73,8 @@ def attach_lora(model: torch.nn.Module, options: LoraOptions):
     if has_lora(model):
         raise ValueError("the model already has LoRA adapters")
     config = LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
-                        target_modules=list(parse_targets(options.targets)), bias="none", task_type="CAUSAL_LM")
+                        target_modules=list(parse_targets(options.targets)), bias="none", task_type="CAUSAL_LM",
+                        **_layer_selection(model, options.layers))
     model.requires_grad_(False)
     try:
         inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
@@ -83,6 +88,17 @@ def attach_lora(model: torch.nn.Module, options: LoraOptions):
         model.enable_input_require_grads()
     setattr(model, _CONFIG_ATTR, config)
     return config
+
+
+def _layer_selection(model: torch.nn.Module, spec: str | None) -> dict:
+    """PEFT's ``layers_to_transform`` / ``layers_pattern`` for ``train_layers``: adapters
+    only in the selected blocks (the rest of the model stays frozen as it is)."""
+    from .train_layers import block_range, decoder_blocks
+    if spec is None or str(spec).strip().lower() == "all":
+        return {}
+    blocks = decoder_blocks(model)
+    pattern = next(name.rpartition(".")[2] for name, m in model.named_modules() if m is blocks)
+    return {"layers_to_transform": list(block_range(spec, len(blocks))), "layers_pattern": pattern}
 
 
 @contextlib.contextmanager

@@ -47,7 +47,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from tqdm.auto import tqdm
 
 from . import adapters, checkpoint, lora
-from .distributed import LossForward, fsdp_requested, shard_for_training, shard_frozen, unshard_root
+from .distributed import LossForward, fsdp_requested, root_gathered, shard_for_training, shard_frozen, unshard_root
 from .eval import dynamics
 from .file_modes import follow_umask
 from .methods.base import Method, Models, PrepareData
@@ -319,7 +319,8 @@ def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
     for model in (models.student, models.reference, *models.extra.values()):
         if model is not None and not _is_sharded(model):
             model.to(acc.device)
-    select_train_layers(models.student, config.train_layers)
+    if not config.lora_r:  # with LoRA, train_layers placed the adapters (only they train)
+        select_train_layers(models.student, config.train_layers)
     torch.manual_seed(derive_seed(config.seed, "prepare"))
     method.prepare(models, PrepareData(forget=data.examples, retain=data.retain, collate=data.collate,
                                        train_config=config, seed=config.seed))
@@ -365,8 +366,9 @@ def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
     if config.verbose and acc.is_main_process:
         print(start_line(manifest) + (f" (resumed at step {start})" if start else ""), flush=True)
 
-    cache = start_frozen_cache(method, models, lambda ids: _part(data, ids), lambda p: _to_device(p, acc.device),
-                               config, plan, acc.device, start, acc.process_index)
+    with root_gathered(wrapped):  # the cache's probe runs method.loss outside the wrapper, on every rank
+        cache = start_frozen_cache(method, models, lambda ids: _part(data, ids), lambda p: _to_device(p, acc.device),
+                                   config, plan, acc.device, start, acc.process_index)
     student.train()
     optimizer.zero_grad(set_to_none=True)  # gradients left on the model by earlier use must not join step 1
     watch = _FiniteWatch(acc.device, never=total + 1)
@@ -374,7 +376,7 @@ def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
     started = time.time()
     record: dict = {}
     if evaluator is not None and start == 0:
-        _evaluate_now(evaluator, student, 0, total, out, acc, config)
+        _evaluate_now(evaluator, student, wrapped, 0, total, out, acc, config)
     for step in range(start, total):
         torch.manual_seed(derive_seed(config.seed, "step", step, acc.process_index))  # dropout and the like
         summed: dict[str, torch.Tensor] = {}
@@ -419,7 +421,7 @@ def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
                 callback(step + 1, record)
         bar.update(1)
         if evaluator is not None and evaluator.due(step + 1, total):
-            _evaluate_now(evaluator, student, step + 1, total, out, acc, config)
+            _evaluate_now(evaluator, student, wrapped, step + 1, total, out, acc, config)
         if save:
             checkpoint.save_checkpoint(ckpt_root, step + 1, student, raw_optimizer, scheduler,
                                        is_main=acc.is_main_process, barrier=acc.wait_for_everyone,
@@ -516,12 +518,14 @@ def run_summary(record: dict, steps: int, seconds: float, out: Path | None, eval
     return summary
 
 
-def _evaluate_now(evaluator, student, step: int, total: int, out: Path | None, acc, config: TrainConfig) -> None:
-    """One evaluation during training (every rank evaluates its replica; the main process
-    writes), and with keep_best the model of a new best evaluation saved in ``best/``."""
+def _evaluate_now(evaluator, student, wrapped, step: int, total: int, out: Path | None, acc,
+                  config: TrainConfig) -> None:
+    """One evaluation during training (every rank evaluates its replica, the same examples:
+    under FSDP each forward gathers the layers collectively; the main process writes), and
+    with keep_best the model of a new best evaluation saved in ``best/`` (collective too)."""
     model = acc.unwrap_model(student)
     was_training = model.training
-    with torch.no_grad():
+    with torch.no_grad(), root_gathered(wrapped):
         record = evaluator(model, step)
     model.train(was_training)
     if out is None:
@@ -538,8 +542,9 @@ def _is_sharded(model: torch.nn.Module) -> bool:
 
 
 def _setup_lora(method: Method, models: Models, config: TrainConfig) -> None:
-    """With ``config.lora_r``: adapters on the student (only they train), and the student
-    with adapters disabled as the reference (no second copy) unless one was given."""
+    """With ``config.lora_r``: adapters on the student (only they train; with
+    ``train_layers`` only in those blocks), and the student with adapters disabled as the
+    reference (no second copy) unless one was given."""
     if not config.lora_r:
         return
     if method.name == "eul":
@@ -547,7 +552,8 @@ def _setup_lora(method: Method, models: Models, config: TrainConfig) -> None:
     if not lora.has_lora(models.student):  # resuming in the same process: already attached
         torch.manual_seed(derive_seed(config.seed, "lora"))
         lora.attach_lora(models.student, lora.LoraOptions(config.lora_r, config.lora_alpha, config.lora_dropout,
-                                                          lora.parse_targets(config.lora_targets or lora.DEFAULT_TARGETS)))
+                                                          lora.parse_targets(config.lora_targets or lora.DEFAULT_TARGETS),
+                                                          layers=config.train_layers))
     if method.needs_reference() and models.reference is None:
         models.reference = lora.WithoutAdapters(models.student)
 

@@ -59,6 +59,12 @@ def answer_mask(part: dict) -> torch.Tensor:
     return shift_labels(part["labels"]) != IGNORE_INDEX
 
 
+def _address(t: torch.Tensor) -> int:
+    """Where a tensor's memory is (an FSDP-sharded DTensor: its local shard's), to tell
+    whether two models share it."""
+    return (t.to_local() if hasattr(t, "to_local") else t).untyped_storage().data_ptr()
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -107,7 +113,7 @@ class FrozenCache:
     def __init__(self, frozen: dict[str, torch.nn.Module], student: torch.nn.Module, device, num_forget: int):
         self.frozen = frozen
         self._names = {id(m): name for name, m in frozen.items()}
-        self._student_storage = {p.untyped_storage().data_ptr() for p in student.parameters()}
+        self._student_storage = {_address(p) for p in student.parameters()}
         self.device = torch.device(device)
         self.num_forget = num_forget
         self.recording = True
@@ -242,14 +248,14 @@ class FrozenCache:
         model = self.frozen[name]
         if self.recording or name in self.offloaded or not self._complete(name):
             return
-        params = [*model.parameters(), *model.buffers()]
-        if any(p.untyped_storage().data_ptr() in self._student_storage for p in params):
-            return  # a view of the student (LoRA's reference): nothing of its own to move
+        params = [p for p in (*model.parameters(), *model.buffers()) if p.numel()]
+        if not params or any(_address(p) in self._student_storage for p in params):
+            return  # a view of the student (LoRA's reference, RKLD's augmented adapter): nothing of its own to move
         on_device = [p for p in params if p.device == self.device]
         if self.device.type == "cpu" or not on_device:
             return
-        kept = {t.untyped_storage().data_ptr() for t in self.heads.get(name, ())[:2] if t is not None}
-        freed = sum(p.numel() * p.element_size() for p in on_device if p.untyped_storage().data_ptr() not in kept)
+        kept = {_address(t) for t in self.heads.get(name, ())[:2] if t is not None}
+        freed = sum(p.numel() * p.element_size() for p in on_device if _address(p) not in kept)
         model.to("cpu")  # the head tensors kept in self.heads still hold their device copy
         self.offloaded[name] = freed
 
