@@ -128,7 +128,8 @@ def test_evaluation_during_training_and_keep_best_under_two_processes(fsdp, one_
         for key in ("forget_prob", "retain_prob"):
             assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-7), (g["step"], key)
     assert_same_run(tmp_path / "npo", one_process_evaluated / "npo")
-    best, best_want = (load_file(str(Path(o) / "npo/best/model.safetensors")) for o in (tmp_path, one_process_evaluated))
+    best, best_want = (load_file(str(Path(o) / "npo/best/model.safetensors"))
+                       for o in (tmp_path, one_process_evaluated))
     assert best.keys() == best_want.keys()
     for name in best:
         torch.testing.assert_close(best[name], best_want[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -188,3 +188,71 @@ def test_sharded_or_trainable_frozen_models_are_not_cached():
     method = _method(UnDIAL, "fused", {})
     method.models.reference.requires_grad_(True)
     assert _start(method)[0] is None
+
+
+class _Offloads:
+    """What the cache does with complete frozen bodies on a GPU, recorded on the CPU (where
+    they stay): each offload marks the body off the device, each return clears it."""
+
+    def __init__(self, monkeypatch):
+        from unlearn_ext.methods.cache import FrozenCache
+        self.caches, self.back = [], []
+        offload, on_device = FrozenCache._offload_if_complete, FrozenCache._on_device
+        record = self
+
+        def fake_offload(cache, name):
+            offload(cache, name)  # the real decision (a no-op move on the CPU)
+            if not cache.recording and name not in cache.offloaded and cache._complete(name):
+                cache.offloaded[name] = 1
+                record.caches.append(cache)
+
+        def spy_on_device(cache, name):
+            if name in cache.offloaded:
+                record.back.append(name)
+            on_device(cache, name)
+
+        monkeypatch.setattr(FrozenCache, "_offload_if_complete", fake_offload)
+        monkeypatch.setattr(FrozenCache, "_on_device", spy_on_device)
+
+
+@pytest.mark.parametrize("when", ["step", "fill"])
+def test_a_crash_mid_run_brings_the_frozen_bodies_back(monkeypatch, when):
+    """A run that fails (here: an error raised after step 1, or while the cache fills)
+    returns the frozen bodies it moved off the device and detaches the cache."""
+    offloads = _Offloads(monkeypatch)
+    method = _method(RKLD, "fused", CASES["rkld_kl"][1] | {"retain_weight": 0.0})
+
+    def crash(step, record):
+        raise RuntimeError("crash mid-run")
+
+    if when == "fill":
+        from unlearn_ext.methods.cache import FrozenCache
+        fill = FrozenCache.fill
+
+        def failing_fill(cache, head, parts):
+            fill(cache, head, parts)
+            for name in cache.frozen:  # every body is complete: off the device, then the failure
+                cache._offload_if_complete(name)
+            raise RuntimeError("crash while filling")
+        monkeypatch.setattr(FrozenCache, "fill", failing_fill)
+    config = TrainConfig(lr=1e-3, max_steps=3, batch_size=4, progress=False, cache_frozen="memory")
+    with pytest.raises(RuntimeError, match="crash"):
+        train(method, method.models, DATA, config, callbacks=[crash])
+    assert {n for c in offloads.caches for n in c.offloaded} == set()
+    assert sorted(offloads.back) == ["augmented", "reference"]
+    assert method.frozen_cache is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the frozen bodies leave a GPU (on a CPU they stay)")
+def test_a_crash_mid_run_brings_the_frozen_bodies_back_to_the_gpu():
+    method = _method(UnDIAL, "fused", {})
+    for m in (method.models.student, method.models.reference):
+        m.cuda()
+
+    def crash(step, record):
+        assert method.models.reference.model.layers[0].mlp.up_proj.weight.device.type == "cpu"  # off during the run
+        raise RuntimeError("crash mid-run")
+    config = TrainConfig(lr=1e-3, max_steps=3, batch_size=4, progress=False, cache_frozen="memory", bf16=False)
+    with pytest.raises(RuntimeError, match="crash mid-run"):
+        train(method, method.models, DATA, config, callbacks=[crash])
+    assert method.models.reference.model.layers[0].mlp.up_proj.weight.device.type == "cuda"

@@ -421,8 +421,12 @@ def start_frozen_cache(method, models, make_part: Callable[[list[int]], dict], t
         shutil.rmtree(directory, ignore_errors=True)  # a killed run's
         directory.mkdir(parents=True)
     cache.allocate(mode, directory, counts)
-    cache.fill(method.head, (to_device(make_part(ids)) for ids in _batches(forget, config.batch_size)))
-    for name in frozen:
-        cache._offload_if_complete(name)
+    try:
+        cache.fill(method.head, (to_device(make_part(ids)) for ids in _batches(forget, config.batch_size)))
+        for name in frozen:
+            cache._offload_if_complete(name)
+    except BaseException:
+        cache.finish(method)  # bodies already moved come back
+        raise
     method.frozen_cache = cache
     return cache
