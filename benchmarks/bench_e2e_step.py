@@ -110,7 +110,7 @@ def build(cfg, method_name: str, variant: str) -> SimpleNamespace:
     labels = ids.clone()
     labels[:, :prompt] = -100
     s.full = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    s.to_device = lambda part: {k: v.to(device) for k, v in part.items()}
+    s.to_device = lambda part: {k: v if k == "example_id" else v.to(device) for k, v in part.items()}  # as the trainer
     s.part = s.to_device({**s.full, "example_id": torch.arange(cfg.batch)})
     if variant != "eager":
         s.method = METHODS[method_name](head=FusedLinearHead())

@@ -211,7 +211,9 @@ def make_accelerator(config: TrainConfig):
 
 
 def _to_device(part: dict, device) -> dict:
-    return {k: v.to(device) for k, v in part.items()}
+    """The part on ``device``; its ``example_id`` stays on the host, where the frozen cache
+    reads it (no device synchronisation per lookup)."""
+    return {k: v if k == "example_id" else v.to(device) for k, v in part.items()}
 
 
 def _part(data: TrainData, ids: list[int]) -> dict:
@@ -406,6 +408,8 @@ def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
             log = (step + 1) % config.log_every == 0 or step + 1 == total
             if log or save:
                 watch.check(acc)
+                if cache is not None:  # the cache's token check, read where the loop synchronises anyway
+                    cache.check()
 
             if log:
                 names = sorted(summed)
@@ -430,7 +434,7 @@ def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
         bar.close()
     except BaseException:
         if cache is not None:  # a crash (or a kill signal Python sees) must not leave frozen bodies off the device
-            cache.finish(method)
+            cache.finish(method, check=False)
         raise
     cache_summary = cache.finish(method) if cache is not None else None
     if cache_summary is not None and (config.progress or config.verbose) and acc.is_main_process:
