@@ -133,3 +133,18 @@ def test_evaluation_during_training_and_keep_best_under_two_processes(fsdp, one_
     assert best.keys() == best_want.keys()
     for name in best:
         torch.testing.assert_close(best[name], best_want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_rkld_with_lora_under_ddp_equals_one_process(tmp_path):
+    """RKLD's augmented model as a second adapter, fine-tuned in the same DDP run (the
+    student wrapped twice: for the augmented adapter, then for its own): losses and final
+    adapters equal one process with grad_accum = 2."""
+    one = finished(tmp_path / "one", "rkld", 2, "--lora-r", "4")
+    two = finished(tmp_path / "two", "rkld", 1, "--lora-r", "4", nproc=2)
+    torch.testing.assert_close(torch.tensor(losses(two / "rkld")), torch.tensor(losses(one / "rkld")),
+                               rtol=1e-5, atol=1e-6)
+    want, got = (load_file(str(o / "rkld/adapter/adapter_model.safetensors")) for o in (one, two))
+    assert want.keys() == got.keys() and len(want) > 0 and not any("augmented" in k for k in want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert max(float(v.abs().max()) for k, v in want.items() if "lora_B" in k) > 0
