@@ -99,3 +99,22 @@ def test_a_run_with_the_adapter_equals_the_run_with_a_copy_and_saves_only_the_st
     from safetensors.torch import load_file
     saved = load_file(str(tmp_path / "adapter/adapter/adapter_model.safetensors"))
     assert saved.keys() == load_file(str(tmp_path / "copy/adapter/adapter_model.safetensors")).keys()
+
+
+def test_the_frozen_cache_keeps_no_second_lm_head_under_lora():
+    """With LoRA the teachers' LM head is the student's own tensor: the cache holds it (for
+    the reference and the augmented adapter alike) without a copy, and no body moves."""
+    from unlearn_ext.methods.cache import start_frozen_cache
+    from unlearn_ext.trainer import BatchPlan, _part
+    method, models = prepared(FusedLinearHead(), True)
+    data = TrainData(FORGET, RETAIN, collate())
+    train_config = TrainConfig(batch_size=4, max_steps=2, cache_frozen="memory")
+    plan = BatchPlan(len(FORGET), len(RETAIN), train_config, world=1)
+    cache = start_frozen_cache(method, models, lambda ids: _part(data, ids), lambda p: p, train_config, plan,
+                               torch.device("cpu"))
+    head = models.student.get_output_embeddings().weight
+    assert set(cache.heads) == {"reference", "augmented"}
+    for weight, _, _ in cache.heads.values():
+        assert weight.untyped_storage().data_ptr() == head.untyped_storage().data_ptr()
+    assert cache.cached_bytes() < head.numel() * head.element_size()  # answer rows only, no head
+    cache.finish(method)
