@@ -120,11 +120,6 @@ def adapter_active(model: torch.nn.Module, adapter: str | None):
             layer._disable_adapters, layer._active_adapter = off, active
 
 
-def adapters_disabled(model: torch.nn.Module):
-    """Runs ``model`` as if it had no adapters."""
-    return adapter_active(model, None)
-
-
 @contextlib.contextmanager
 def _eval_mode(model: torch.nn.Module):
     """No dropout (the base model's or an adapter's) in a frozen model's forward, although
@@ -163,7 +158,7 @@ class WithoutAdapters(_View):
     frozen copy of the starting model is (``Models.reference``): forward, ``base_model``
     and ``get_output_embeddings`` for ``lm_head_inputs``. With ``adapter``: the student's
     base with that other adapter instead of its own (RKLD's augmented model). ``copy.deepcopy``
-    of the view is a real, independent copy of the model it shows."""
+    of the adapter-free view is a real, independent copy of the starting model."""
 
     def __init__(self, model: torch.nn.Module, adapter: str | None = None):
         super().__init__(model, model, adapter)
