@@ -195,6 +195,16 @@ def test_many_tiles_per_row(emulate, op, threads, vocab, path, seed):
     check_against_reference(SPECS[op], backend, (6, vocab), torch.float32, "sum")
 
 
+@pytest.mark.parametrize("op", KERNEL_OPS)
+@pytest.mark.parametrize("vocab", ["on_chip", "l2"])
+def test_launcher_blocks_on_either_side_of_the_stage(emulate, op, vocab, seed):
+    """The launcher's own block size (512 threads) on the vocabularies of
+    tests/test_cuda_kernels.py's on-chip and L2 cases (the first GPU stage runs those)."""
+    spec = SPECS[op]
+    v = {"on_chip": {0: 24001, 1: 12001, 2: 9001}, "l2": {0: 60001, 1: 30001, 2: 20001}}[vocab][spec.teachers]
+    check_against_reference(spec, emulate(fuses_grad=True), (3, v), torch.bfloat16, "mean")
+
+
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("layout", ["aligned", "misaligned_base"])
 def test_on_chip_rows_are_not_reread_from_memory(emulate, op, layout, seed):
