@@ -67,6 +67,9 @@ ALIGNED = ("S", "T", "T2", "G", "LABELS", "VALUES", "STATS", "GRAD_ROWS", "GRAD_
            "t2_inner", "g_inner", "s_outer", "t_outer", "t2_outer", "g_outer", "V")
 
 
+_COMPILED = {}  # one compile per variant per process: the SASS test reuses the spill test's
+
+
 def _compile(kernel, constexprs, num_warps, aligned, capability=H100):
     """The kernel compiled for that GPU (sm_90 by default): bf16 student and gradient,
     float32 teachers (mixed dtypes), int32 scalars as Triton passes them; `aligned`: the
@@ -87,8 +90,12 @@ def _compile(kernel, constexprs, num_warps, aligned, capability=H100):
     missing = [n for n in ("OP", "HAS_LABELS", "NEEDS_LABEL", "SOFTCAP", "BLOCK") if n not in constexprs]
     assert not missing, f"constexprs the launcher passes, missing: {missing}"
     arch = capability[0] * 10 + capability[1]
-    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": num_warps, "enable_fp_fusion": True})
+    key = (kernel.__name__, tuple(sorted(constexprs.items())), num_warps, aligned, arch)
+    if key not in _COMPILED:
+        _COMPILED[key] = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
+                                        target=GPUTarget("cuda", arch, 32),
+                                        options={"num_warps": num_warps, "enable_fp_fusion": True})
+    return _COMPILED[key]
 
 
 def _tool(name: str) -> str:
@@ -150,18 +157,21 @@ PREFETCH_DISTANCE = 64
 
 
 @pytest.mark.skipif(INTERPRETED, reason="TRITON_INTERPRET=1: the kernels are interpreted, there is nothing to compile")
-@pytest.mark.parametrize("capability", [H100, A100], ids=["sm_90", "sm_80"])
-@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
+@pytest.mark.parametrize("capability,aligned", [(H100, True), (H100, False), (A100, True)],
+                         ids=["sm_90-aligned", "sm_90-unaligned", "sm_80-aligned"])
 @pytest.mark.parametrize("op", OPS)
 def test_kernels_compile_without_spills(op, aligned, capability):
+    """Every kernel of the op in the variants the launcher runs (the softcap's on sm_90's
+    aligned variant only: compiles are the cost of this test, minutes on 2 cores)."""
     common = dict(OP=OP_CODES[op], HAS_LABELS=True, NEEDS_LABEL=op in NEEDS_LABEL, SOFTCAP=False)
     block, warps = gpu_config("forward", op, VOCAB, capability)
     bblock, bwarps = gpu_config("backward", op, VOCAB, capability)
     assert block < VOCAB and bblock < VOCAB, "a whole-row block spills registers on large vocabularies"
     launches = [(row_forward_kernel, dict(common, WRITE_GRAD=False, BLOCK=block), warps),
                 (row_forward_kernel, dict(common, WRITE_GRAD=True, BLOCK=block), warps),
-                (row_forward_kernel, dict(common, WRITE_GRAD=True, SOFTCAP=True, BLOCK=block), warps),
                 (row_backward_kernel, dict(common, BLOCK=bblock), bwarps)]
+    if capability == H100 and aligned:
+        launches.append((row_forward_kernel, dict(common, WRITE_GRAD=True, SOFTCAP=True, BLOCK=block), warps))
     for kernel, constexprs, num_warps in launches:
         compiled = _compile(kernel, constexprs, num_warps, aligned, capability)
         what = f"{kernel.__name__} {constexprs}"
