@@ -44,7 +44,7 @@ $(VENV)/.demo-installed: $(PY) $(SOURCES)
 METHOD ?= npo_rt
 DEMO_ARGS ?=
 demo: $(VENV)/.demo-installed
-	$(PY) -m unlearn_ext.demo --method $(METHOD) --out runs/demo$(if $(filter npo_rt,$(METHOD)),,/$(METHOD)) $(DEMO_ARGS)
+	$(PY) -m unlearn_ext.demo --config configs/$(METHOD).yaml --out runs/demo$(if $(filter npo_rt,$(METHOD)),,/$(METHOD)) $(DEMO_ARGS)
 
 # The second run executes the Triton kernels in Triton's CPU interpreter (only the tests
 # parametrised on backend triton-cpu; 2-3 minutes of CPU on 2 cores).

@@ -23,3 +23,17 @@ def test_every_method_has_a_config_that_parses_into_valid_options(name):
     text = path.read_text(encoding="utf-8")
     assert text.startswith("#") and "lr" in text  # where the numbers come from, in a comment
     assert method.options is not None
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_config_gives_the_demo_its_method_options_lr_and_blocks(name):
+    """`make demo METHOD=<name>` reads configs/<name>.yaml (unlearn_ext.demo.read_config):
+    the same method, valid options, a learning rate, a block spec SmolLM2's 30 blocks allow."""
+    from unlearn_ext import demo
+    from unlearn_ext.train_layers import block_range
+    values = demo.read_config(str(CONFIGS / f"{name}.yaml"))
+    assert values["method"] == name and float(values["lr"]) > 0
+    METHODS[name].make_options(values.get("method_args") or {})
+    spec = values.get("train_layers")
+    if spec is not None:
+        assert len(block_range(spec, 30)) > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 from tiny_lm import FORGET, RETAIN, make_tokenizer, one_thread, trained_llama  # noqa: F401
@@ -12,6 +13,7 @@ from tiny_lm import FORGET, RETAIN, make_tokenizer, one_thread, trained_llama  #
 from unlearn_ext import demo
 
 SETS = {"forget": FORGET, "keep": RETAIN[:6], "general": RETAIN[6:]}
+CONFIGS = Path(__file__).parents[1] / "configs"
 
 
 def test_demo_forgets_keeps_and_reports(tmp_path, capsys):
@@ -95,4 +97,55 @@ def test_make_demo_takes_a_method(method, out):
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}  # under make test
     done = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 0, done.stderr
-    assert f"-m unlearn_ext.demo --method {method} --out {out}" in done.stdout.splitlines()[-1]
+    assert f"-m unlearn_ext.demo --config configs/{method}.yaml --out {out}" in done.stdout.splitlines()[-1]
+
+
+def test_a_config_sets_the_method_its_options_lr_and_trained_blocks_and_flags_override_it(tmp_path):
+    """--config: the method's recommended settings (method, method_args, lr, train_layers) from
+    a run configuration; its TOFU-scale schedule keys are not the demo's; a flag wins."""
+    config = tmp_path / "graddiff.yaml"
+    config.write_text("# c\nmethod: graddiff\nmethod_args:\n  retain_weight: 3.0\nlr: 2e-2\ntrain_layers: all\n"
+                      "epochs: 10\nbatch_size: 8\ngrad_accum: 4\n")
+    runs = []
+
+    def load(cache_dir):
+        return trained_llama(), make_tokenizer(), {"model": "tiny"}
+    for extra in ([], ["--lr", "1e-2", "--method-arg", "forget_weight=0.5", "--train-layers", "1"]):
+        report = demo.main(["--config", str(config), "--out", str(tmp_path / str(len(runs))), "--no-progress",
+                            "--steps", "2", "--max-new-tokens", "2", *extra], load=load, sets=SETS)
+        runs.append(report["unlearning"])
+    first, second = runs
+    assert first["config"] == str(config) and first["method"] == "graddiff" and first["lr"] == 2e-2
+    assert first["method.retain_weight"] == 3.0 and first["trained_blocks"] == "all" and first["steps"] == 2
+    assert first["batch_size"] == demo.BATCH_SIZE
+    assert second["lr"] == 1e-2 and second["trained_blocks"] == "last 1 of 2"
+    assert second["method.retain_weight"] == 3.0 and second["method.forget_weight"] == "0.5"
+
+
+@pytest.mark.parametrize("text,message", [("method: nope\n", "unknown method 'nope'"),
+                                          ("method: npo\nmethod_args: [1]\n", "method_args must be a mapping"),
+                                          ("method: npo\nlr: -1\n", "lr must be positive"),
+                                          ("method: npo\nmethod_args:\n  gamma: 1\n", "has no option 'gamma'")])
+def test_a_bad_config_fails_before_the_model_loads(tmp_path, text, message):
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+
+    def load(cache_dir):
+        raise AssertionError("the model was loaded")
+    with pytest.raises(ValueError, match=message):
+        demo.main(["--config", str(config), "--no-progress"], load=load, sets=SETS)
+
+
+def test_a_method_flag_that_contradicts_the_config_is_an_error(tmp_path):
+    config = tmp_path / "npo.yaml"
+    config.write_text("method: npo\n")
+    with pytest.raises(SystemExit):
+        demo.main(["--config", str(config), "--method", "ga", "--no-progress"], load=None, sets=SETS)
+
+
+def test_the_demos_built_in_settings_are_npo_rts_config():
+    """`python -m unlearn_ext.demo` without --config runs what `make demo` runs."""
+    values = demo.read_config(str(CONFIGS / "npo_rt.yaml"))
+    assert (values["method"], float(values["lr"]), values.get("train_layers", demo.TRAIN_LAYERS)) == \
+        (demo.METHOD, demo.LR, f"top:{demo.TRAIN_LAYERS}")
+    assert values.get("method_args", {}) == {"beta": 0.1, "forget_weight": 1.0, "retain_weight": 1.0}

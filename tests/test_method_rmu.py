@@ -44,9 +44,24 @@ def test_rmu_loss(forget_weight, retain_weight):
     assert ("retain_mse" in logs) == bool(retain_weight) and m.needs_retain() == bool(retain_weight)
 
 
-def test_defaults_are_wmdps():
+def test_defaults_are_wmdps_but_c_follows_the_activation_norm():
     o = RMU().options
-    assert (o.steering_coeff, o.retain_weight, o.forget_weight, o.trainable) == (6.5, 1200.0, 1.0, "mlp")
+    assert (o.retain_weight, o.forget_weight, o.trainable) == (1200.0, 1.0, "mlp")
+    assert (o.steering_coeff, o.steering_scale) == (0.0, 2.0)  # c = 2 × the norm, not WMDP's 6.5 (issue 16)
+
+
+@pytest.mark.parametrize("layer,scale", [(0, 2.0), (1, 0.5)])
+def test_the_default_c_is_the_scale_times_the_frozen_models_mean_norm_on_forget_answers(layer, scale):
+    m = setup_method(RMU, layer=layer, steering_scale=scale)
+    part = collate()(FORGET)
+    ref = m.models.reference
+    h = ou.layer_output(ref, ref.model.layers[layer], part, grad=False).double()  # open-unlearning's hook
+    expected = scale * float(h.norm(dim=-1)[part["labels"] != -100].mean())
+    assert abs(m.steering_coeff - expected) < 1e-5 * expected
+    assert abs(float(m.control.norm()) - expected) < 1e-4 * expected
+    assert float(m.loss(m._test_batch)[1]["steering_coeff"]) == pytest.approx(expected, rel=1e-5)
+    absolute = setup_method(RMU, layer=layer, steering_coeff=6.5, steering_scale=scale)
+    assert absolute.steering_coeff == 6.5  # a given c wins (WMDP's setting)
 
 
 def test_control_vector_is_seeded_and_scaled():
@@ -56,7 +71,7 @@ def test_control_vector_is_seeded_and_scaled():
     other = RMU(head=LogitsHead())
     other.prepare(Models(student=trained_llama(), reference=freeze(trained_llama())),
                   PrepareData(FORGET, RETAIN, collate(), seed=1))
-    assert not torch.allclose(other.control / 6.5, a.control / 2.0)
+    assert not torch.allclose(other.control / other.steering_coeff, a.control / 2.0)
 
 
 def test_only_the_mlps_below_the_layer_train():
@@ -74,7 +89,9 @@ def test_only_the_mlps_below_the_layer_train():
 @pytest.mark.parametrize("options,message", [({"layer": 2}, "option 'layer': 2 is not a decoder layer"),
                                              ({"layer": -2}, "option 'layer': -2 is not a decoder layer"),
                                              ({"trainable": "nothing\\.matches"}, "matches no parameter name"),
-                                             ({"trainable": "("}, "neither mlp, all nor a regex")])
+                                             ({"trainable": "("}, "neither mlp, all nor a regex"),
+                                             ({"steering_coeff": -1.0}, "'steering_coeff'"),
+                                             ({"steering_scale": 0.0}, "'steering_scale'")])
 def test_bad_options_are_named(options, message):
     with pytest.raises(ValueError, match=message):
         setup_method(RMU, **options)

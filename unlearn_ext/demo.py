@@ -11,6 +11,13 @@ bits, Q4_1), dequantised to float32 on the first run and cached as safetensors i
 ``$UNLEARN_EXT_CACHE/smollm2-135m-instruct`` (default ``~/.cache/unlearn_ext/...``;
 ``--cache-dir`` elsewhere). It is therefore not bit-identical to the bf16 checkpoint on
 the Hugging Face hub: its weights are the 4-bit ones.
+
+``--config configs/<method>.yaml`` (what ``make demo METHOD=<method>`` passes) takes a
+method's recommended settings from its run configuration: ``method``, ``method_args``,
+``lr`` and ``train_layers``; flags given on the command line override them. The file's
+other keys (epochs, batch size, warmup, ...) size a run on a TOFU-scale forget set and are
+not used: the demo's schedule (``--steps`` steps of 4 forget and 4 keep examples) fits its
+15 questions.
 """
 from __future__ import annotations
 
@@ -30,6 +37,7 @@ from .methods import Models, freeze, get_method, make_head
 from .models.smollm2 import load_smollm2
 from .trainer import TrainConfig, TrainData, train, write_model
 
+CONFIG_KEYS = ("method", "method_args", "lr", "train_layers")  # what the demo takes from a run configuration
 KINDS = {"forget": "forget", "keep": "retain", "general": "retain"}
 
 
@@ -48,7 +56,7 @@ MAX_LENGTH = 128  # tokens per example (the chat template's system prompt includ
 
 
 def unlearn(model, tokenizer, forget, keep, *, seed: int, progress: bool, method: str = METHOD, steps: int = STEPS,
-            lr: float = LR, train_layers: int = TRAIN_LAYERS, batch_size: int = BATCH_SIZE,
+            lr: float = LR, train_layers: int | str = TRAIN_LAYERS, batch_size: int = BATCH_SIZE,
             method_args: dict | None = None) -> dict:
     """Make ``model`` forget ``forget`` while keeping ``keep``, in place; return what ran.
 
@@ -56,26 +64,42 @@ def unlearn(model, tokenizer, forget, keep, *, seed: int, progress: bool, method
     head (fused-linear kernels in a single process), a frozen copy of the model as the
     reference, the trainer (AdamW, linear decay, clipping) with ``keep`` as retain data.
     Only the last ``train_layers`` transformer blocks train (0: every parameter), as
-    ``--train-layers top:N`` does; ``method_args`` are the method's options."""
+    ``--train-layers top:N`` does, or ``train_layers`` is such a spec (``"all"``, ``"top:N"``,
+    …; RMU and EUL choose their own parameters: ``"all"``); ``method_args`` are the method's options."""
     cls = get_method(method)
     algorithm = cls(cls.make_options(method_args or {}), head=make_head())
     reference = freeze(copy.deepcopy(model)) if algorithm.needs_reference() else None
     blocks = len(model.get_decoder().layers)
-    if not 0 <= train_layers <= blocks:
+    if isinstance(train_layers, int) and not 0 <= train_layers <= blocks:
         raise ValueError(f"train_layers must be in [0, {blocks}], got {train_layers}")
+    spec = (f"top:{train_layers}" if train_layers else None) if isinstance(train_layers, int) else train_layers
     model.requires_grad_(True)
     config = TrainConfig(lr=lr, max_steps=steps, batch_size=batch_size, weight_decay=0.0, seed=seed,
-                         train_layers=f"top:{train_layers}" if train_layers else None,
-                         progress=progress, desc=f"unlearn {method}")
+                         train_layers=spec, progress=progress, desc=f"unlearn {method}")
     log: list[dict] = []
     train(algorithm, Models(student=model, reference=reference),
           TrainData(forget, keep, QACollator(tokenizer, MAX_LENGTH)), config,
           callbacks=[lambda step, record: log.append(record)])
     model.requires_grad_(False).eval()
     return {"method": method, "head": algorithm.head.name, "steps": steps, "lr": lr, "batch_size": batch_size,
-            "trained_blocks": f"last {train_layers} of {blocks}" if train_layers else "all",
+            "trained_blocks": (f"last {train_layers} of {blocks}" if isinstance(train_layers, int) else train_layers)
+            if train_layers else "all",
             **{f"method.{k}": v for k, v in (method_args or {}).items()},
             "first_loss": log[0]["loss"], "last_loss": log[-1]["loss"]}
+
+
+def read_config(path: str) -> dict:
+    """The demo's keys of a run configuration (``CONFIG_KEYS``), checked: a known method, a
+    mapping of method options, a positive learning rate."""
+    from .config import load_yaml
+    values = {k: v for k, v in load_yaml(path).items() if k in CONFIG_KEYS}
+    if "method" in values:
+        get_method(values["method"])
+    if not isinstance(values.get("method_args", {}), dict):
+        raise ValueError(f"config file {path}: method_args must be a mapping of option names to values")
+    if "lr" in values and not float(values["lr"]) > 0:
+        raise ValueError(f"config file {path}: lr must be positive, got {values['lr']}")
+    return values
 
 
 def _summary(before: dict, after: dict) -> list[dict]:
@@ -125,25 +149,36 @@ def main(argv=None, *, load=load_smollm2, sets=None) -> dict:
     parser.add_argument("--max-new-tokens", type=int, default=32, help="length of the greedy answers")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--method", default=METHOD, help="any unlearning method; the keep set is its retain set "
-                                                         "(default %(default)s)")
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="a run configuration (configs/<method>.yaml): its method, method_args, lr and "
+                             "train_layers; flags override them")
+    parser.add_argument("--method", default=None, help="any unlearning method; the keep set is its retain set "
+                                                       f"(default: the config's, else {METHOD})")
     parser.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="a method option, e.g. --method-arg beta=0.2 (repeatable)")
     parser.add_argument("--save-model", default=None, metavar="DIR",
                         help="also save the unlearned model (and tokenizer) in DIR")
     parser.add_argument("--steps", type=int, default=STEPS, help="optimizer steps (default %(default)s)")
-    parser.add_argument("--lr", type=float, default=LR, help="peak learning rate, linear decay (default %(default)s)")
-    parser.add_argument("--train-layers", type=int, default=TRAIN_LAYERS,
-                        help="train only the last N transformer blocks; 0: all parameters (default %(default)s)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help=f"peak learning rate, linear decay (default: the config's, else {LR})")
+    parser.add_argument("--train-layers", type=int, default=None,
+                        help=f"train only the last N transformer blocks; 0: all parameters (default: the config's, "
+                             f"else {TRAIN_LAYERS})")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     args = parser.parse_args(argv)
-    method_args = {}
+    config = read_config(args.config) if args.config else {}
+    method = args.method or config.get("method", METHOD)
+    if config.get("method") not in (None, method):  # its options belong to another method
+        parser.error(f"--method {method} contradicts the method of {args.config} ({config['method']})")
+    method_args = dict(config.get("method_args") or {})
     for item in args.method_arg:
         key, sep, value = item.partition("=")
         if not sep or not key:
             parser.error(f"--method-arg expects KEY=VALUE, got {item!r}")
         method_args[key.strip()] = value
-    get_method(args.method).make_options(method_args)  # a bad method or option fails before the model loads
+    lr = args.lr if args.lr is not None else float(config.get("lr", LR))
+    train_layers = args.train_layers if args.train_layers is not None else config.get("train_layers", TRAIN_LAYERS)
+    get_method(method).make_options(method_args)  # a bad method or option fails before the model loads
 
     from tqdm.auto import tqdm
     torch.manual_seed(args.seed)
@@ -171,8 +206,9 @@ def main(argv=None, *, load=load_smollm2, sets=None) -> dict:
     done("evaluate before")
     stage("unlearn")
     unlearning = unlearn(model, tokenizer, sets["forget"], sets["keep"], seed=args.seed, progress=args.progress,
-                         method=args.method, steps=args.steps, lr=args.lr, train_layers=args.train_layers,
-                         method_args=method_args)
+                         method=method, steps=args.steps, lr=lr, train_layers=train_layers, method_args=method_args)
+    if args.config:
+        unlearning = {"config": args.config, **unlearning}
     done("unlearn")
     stage("evaluate after")
     after = run_eval()

@@ -13,19 +13,25 @@ publishes neither code nor loss formulas. This is the project's concrete version
    "label"}) replaces them. Any callable mapping pooled original-model features [B, H] to
    probabilities [B] can replace it (``EvaluatorGuided(evaluator=...)``). Pairs scoring
    above ``threshold`` are *flagged*; the forgetting losses apply to flagged pairs only.
-2. **Negative (distance) loss** on flagged pairs: ``relu(m − d(h_θ, h_orig))`` with
-   ``d = 1 − cos`` between the student's and the original model's pooled representations
-   of the response (m = ``margin``): push the representation away, but only until it is
-   m away — a bounded loss that cannot run away like gradient ascent.
-3. **Positive loss** on flagged pairs: ``1 − cos(h_θ, c)``, with ``c`` the nearest (to the
-   current h_θ) of ``clusters`` k-means centroids of the original model's representations
-   of acceptable answers — refusals by default (a built-in list), or the answers of an
-   ``acceptable`` JSON/JSONL file of {"question", "answer"} (e.g. corrected answers). The
-   built-in refusals are paired with the forget questions.
+2. **Negative (distance) loss** on a flagged pair (x, y): ``relu(m − d)`` with
+   ``d = (NLL_θ(y|x) − NLL_orig(y|x)) / |y|``, how far the model's likelihood of the flagged
+   response has moved from the original model's, in nats per token (m = ``margin``). It
+   ascends the response's NLL until the response is m nats per token less likely than it
+   was — its answer probability exp(−NLL/|y|) at most e^−m times the original's — and then
+   stops: a bounded loss that cannot run away like gradient ascent.
+3. **Positive loss** on a flagged pair: the NLL of the replacement response given x, so that
+   greedy decoding produces it. The replacement is the acceptable answer given for x in the
+   ``acceptable`` file (e.g. a corrected answer) when there is one; otherwise the
+   representative (the member nearest the centroid) of the nearest — to the model's current
+   pooled representation of the response — of ``clusters`` k-means clusters of the original
+   model's representations of acceptable answers: refusals by default (a built-in list).
 4. **Retain NLL** (weight ``retain_weight``) keeps the rest of the model's behaviour.
 
-Cosine distances make the losses independent of the hidden states' scale, which differs
-wildly between models; k-means uses k-means++ seeding from the run's seed.
+(Before, both forgetting terms were cosine distances between pooled hidden states: the
+model satisfied them by moving a direction the LM head barely reads, and on SmolLM2 the
+flagged answers' likelihood did not drop — issue 16. The representations still pick the
+flags and the cluster; the losses now act on the likelihoods the answers come from.)
+K-means uses k-means++ seeding from the run's seed.
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ import torch.nn.functional as F
 from ..config import read_records
 from .base import Method, option
 from .head import Outputs
+from .idkdpo import prompt_keys
 
 REFUSALS = (
     "I'm sorry, but I don't have any information about that.",
@@ -51,9 +58,11 @@ REFUSALS = (
 
 @dataclass
 class EvaluatorGuidedOptions:
-    margin: float = option(0.5, "m: the distance loss stops once 1 − cos(h, h_orig) ≥ m")
+    margin: float = option(2.0, "m, nats per token: the distance loss stops once a flagged response's mean NLL is m "
+                                "above the original model's (its answer probability e^-m times the original's)")
     negative_weight: float = option(1.0, "weight of the distance loss")
-    positive_weight: float = option(1.0, "weight of the loss toward the acceptable-answer centroid")
+    positive_weight: float = option(1.0, "weight of the NLL of the replacement response (corrected answer, or the "
+                                         "nearest acceptable-answer cluster's representative)")
     retain_weight: float = option(1.0, "weight of the retain NLL")
     clusters: int = option(4, "k of the k-means over acceptable-answer representations")
     threshold: float = option(0.5, "evaluator probability above which a pair is flagged")
@@ -144,14 +153,26 @@ class EvaluatorGuided(Method):
     def prepare(self, models, data):
         super().prepare(models, data)
         o = self.options
+        # Corrected answers (an acceptable file) replace the answer to their own question; the
+        # built-in refusals are generic: paired with the forget questions only to be embedded.
         if o.acceptable:
             acceptable = [{"question": r["question"], "answer": r["answer"]}
                           for r in read_records(o.acceptable, ("question", "answer"))]
+            self.corrections = {r["question"]: r["answer"] for r in acceptable}
         else:
             acceptable = [{"question": ex["question"], "answer": REFUSALS[i % len(REFUSALS)]}
                           for i, ex in enumerate(data.forget[:256])]
+            self.corrections = {}
         acceptable_features = self._features(acceptable, data.collate)
         self.centroids = kmeans(acceptable_features, o.clusters, seed=data.seed)
+        nearest = (F.normalize(acceptable_features, dim=1) @ self.centroids.T).argmax(0)  # each centroid's member
+        self.representatives = [acceptable[int(i)]["answer"] for i in nearest]
+        self.collate = data.collate
+        self.questions: dict[tuple[int, ...], str] = {}
+        for i in range(0, len(data.forget), 64):
+            chunk = list(data.forget[i:i + 64])
+            for key, example in zip(prompt_keys(data.collate(chunk)), chunk):
+                self.questions[key] = example["question"]
         if self.evaluator is None:
             if o.evaluator_data:
                 labelled = read_records(o.evaluator_data, ("question", "answer", "label"))
@@ -166,18 +187,37 @@ class EvaluatorGuided(Method):
                 labels = torch.cat([torch.ones(len(data.forget)), torch.zeros(features.shape[0] - len(data.forget))])
             self.evaluator = LogisticEvaluator(features, labels, steps=o.evaluator_steps)
 
+    def replacements(self, forget: dict, rows: list[int], h: torch.Tensor) -> dict:
+        """The flagged ``rows`` of ``forget`` with their replacement responses, collated on the
+        batch's device: the question's corrected answer, else the representative of the
+        acceptable-answer cluster nearest to ``h`` (the model's pooled representations [B, H])."""
+        keys = prompt_keys(forget)
+        try:
+            questions = [self.questions[keys[r]] for r in rows]
+        except KeyError:
+            raise ValueError("evaluator: a forget example of this batch is not one of the forget examples "
+                             "`prepare` saw (their replacements pair with those questions)") from None
+        cluster = (F.normalize(h.detach().float(), dim=-1) @ self.centroids.to(h.device).T).argmax(-1).tolist()
+        answers = [self.corrections.get(q, self.representatives[cluster[r]]) for q, r in zip(questions, rows)]
+        part = self.collate([{"question": q, "answer": a} for q, a in zip(questions, answers)])
+        return {k: v.to(forget["input_ids"].device) for k, v in part.items()}
+
     def loss(self, batch):
         o = self.options
         forget = batch["forget"]
-        h_orig = pooled(self.frozen(self.models.reference, forget, hidden=True))
-        flags = (self.evaluator(h_orig) > o.threshold).float()
-        h = pooled(self.student(forget, hidden=True))
+        original = self.frozen(self.models.reference, forget, hidden=True)
+        flags = (self.evaluator(pooled(original)) > o.threshold).float()
+        out = self.student(forget, hidden=True)
+        logprob, length = self.head.sequence_logprob(out)
+        with torch.no_grad():
+            logprob_orig, _ = self.head.sequence_logprob(original)
+        distance = (logprob_orig - logprob) / length.clamp(min=1)  # NLL_θ − NLL_orig, nats per token
         count = flags.sum().clamp(min=1)
-        distance = 1 - F.cosine_similarity(h, h_orig, dim=-1)
         negative = (flags * F.relu(o.margin - distance)).sum() / count
-        centroids = self.centroids.to(h.device)
-        nearest = centroids[(F.normalize(h.detach(), dim=-1) @ centroids.T).argmax(-1)]
-        positive = (flags * (1 - F.cosine_similarity(h, nearest, dim=-1))).sum() / count
+        rows = flags.nonzero().flatten().tolist()
+        positive = (self.head.cross_entropy(self.student(self.replacements(forget, rows, pooled(out))))
+                    if rows and o.positive_weight != 0 else negative.new_zeros(()))
         value = o.negative_weight * negative + o.positive_weight * positive
-        logs = {"negative": negative.detach(), "positive": positive.detach(), "flagged": flags.mean()}
+        logs = {"negative": negative.detach(), "positive": positive.detach(), "flagged": flags.mean(),
+                "distance": ((flags * distance).sum() / count).detach()}
         return self.add_retain(batch, value, logs, "nll", o.retain_weight)

@@ -13,12 +13,20 @@ averages over every token). u is drawn as both codes draw it, ``rand`` (uniform 
 [0, 1)^H) normalised, from the run's seed. Activations come from a forward hook on layer
 ℓ; the logits are never needed, so RMU uses no row op and runs the same on both heads.
 
-Defaults: WMDP's Zephyr-7B run (its README: ``--steering_coeffs 6.5 --alpha 1200 --lr 5e-5``,
-layer 7 of 32, the MLPs of layers 5–7 trained — their down-projections, ``param_ids [6]``;
-pass that regex as ``trainable`` to train exactly those), the layer at a third of the depth
-(DESIGN.md) unless ``layer`` is given. open-unlearning's ``RMU`` config differs: ``gamma 1``,
-``alpha 1``, ``steering_coeff 2``, layer 7, every parameter trained. Both codes say c and α
-depend on the model: c must dominate the activation norm at ℓ, which grows with depth and size.
+The steering coefficient. WMDP's Zephyr-7B run uses c = 6.5 (its README:
+``--steering_coeffs 6.5 --alpha 1200 --lr 5e-5``, layer 7 of 32, the MLPs of layers 5–7
+trained — their down-projections, ``param_ids [6]``; pass that regex as ``trainable`` to
+train exactly those); its Mixtral run uses c = 300, and open-unlearning's config c = 2: c
+only means something relative to the activation norm at ℓ, which differs between models
+by orders of magnitude (SmolLM2-135M: ≈ 150 at layer 10, so c = 6.5 leaves the forget
+activations where they were and nothing is forgotten — issue 16). The default therefore
+sets c from the model: ``steering_coeff = 0`` (default) means c = ``steering_scale`` × the
+mean norm of the frozen model's activations at ℓ over the forget answer tokens, measured
+once in ``prepare`` (the same idea as Adaptive RMU, which scales c by the frozen
+activation norm per input); a positive ``steering_coeff`` is the absolute c (6.5 for
+WMDP's setting). Other defaults: WMDP's (α = 1200, lr 5e-5, the MLPs of ℓ−2…ℓ), the layer
+at a third of the depth (DESIGN.md) unless ``layer`` is given. open-unlearning's ``RMU``
+config differs: ``gamma 1``, ``alpha 1``, ``steering_coeff 2``, layer 7, every parameter trained.
 
 open-unlearning's names: ``gamma`` = ``forget_weight``, ``alpha`` = ``retain_weight``,
 ``steering_coeff`` = ``steering_coeff``, ``module_regex`` → ``layer`` (an index),
@@ -38,11 +46,16 @@ from ..train_layers import decoder_blocks
 from .base import Method, option
 
 
+SCALE = 2.0  # c = 2 × the activation norm: the target dominates what the layer carried (demo: README)
+
+
 @dataclass
 class RMUOptions:
     layer: int = option(-1, "decoder layer ℓ (0-based) whose output is steered; -1: a third of the depth")
-    steering_coeff: float = option(6.5, "c, length of the control vector c·u (WMDP: 6.5 on Zephyr-7B; "
-                                        "open-unlearning: 2); it must dominate the activation norm at ℓ")
+    steering_coeff: float = option(0.0, "c, length of the control vector c·u (WMDP: 6.5 on Zephyr-7B; "
+                                        "open-unlearning: 2); 0: steering_scale × the frozen model's mean "
+                                        "activation norm at ℓ on the forget answers (measured in prepare)")
+    steering_scale: float = option(SCALE, "c / mean activation norm at ℓ when steering_coeff is 0")
     forget_weight: float = option(1.0, "w_f, weight of the forget activation MSE to c·u")
     retain_weight: float = option(1200.0, "α, weight of the retain activation MSE to the frozen model "
                                           "(WMDP: 1200 on Zephyr-7B; open-unlearning: 1)")
@@ -109,9 +122,29 @@ class RMU(Method):
         self.student_layer = layers[index]
         self.reference_layer = decoder_layers(models.reference)[index] if models.reference is not None else None
         self._select_trainable(student, index)
+        if o.steering_coeff < 0 or o.steering_scale <= 0:
+            raise ValueError(f"options 'steering_coeff' (>= 0) and 'steering_scale' (> 0): got {o.steering_coeff} "
+                             f"and {o.steering_scale}")
+        self.steering_coeff = o.steering_coeff or o.steering_scale * self.forget_norm(models, data)
         g = torch.Generator().manual_seed(derive_seed(data.seed, "rmu control vector"))
         u = torch.rand(student.config.hidden_size, generator=g, dtype=torch.float64)
-        self.control = (o.steering_coeff * u / u.norm()).float()
+        self.control = (self.steering_coeff * u / u.norm()).float()
+
+    @torch.no_grad()
+    def forget_norm(self, models, data, batch_size: int = 16) -> float:
+        """Mean ‖h_ℓ‖ of the frozen model (the student before training when there is none)
+        over the forget answer tokens."""
+        model, layer = ((models.reference, self.reference_layer) if models.reference is not None
+                        else (models.student, self.student_layer))
+        device = next(model.parameters()).device
+        total, count = 0.0, 0
+        for i in range(0, len(data.forget), batch_size):
+            part = {k: v.to(device) for k, v in data.collate(list(data.forget[i:i + batch_size])).items()}
+            norms = self.activations(model, layer, part).float().norm(dim=-1)[part["labels"] != IGNORE_INDEX]
+            total, count = total + float(norms.sum()), count + norms.numel()
+        if count == 0:
+            raise ValueError("rmu: the forget examples have no answer tokens to measure the activation norm on")
+        return total / count
 
     def _select_trainable(self, student, index: int) -> None:
         choice = self.options.trainable
@@ -153,7 +186,8 @@ class RMU(Method):
         with torch.no_grad():  # to choose c: it must dominate this norm
             mask = forget["labels"] != IGNORE_INDEX
             norm = acts.float().norm(dim=-1)[mask].mean()
-        value, logs = o.forget_weight * forget_mse, {"forget_mse": forget_mse.detach(), "forget_activation_norm": norm}
+        value, logs = o.forget_weight * forget_mse, {"forget_mse": forget_mse.detach(), "forget_activation_norm": norm,
+                                                     "steering_coeff": norm.new_tensor(self.steering_coeff)}
         if o.retain_weight != 0:
             retain = batch["retain"]
             acts = self.activations(self.models.student, self.student_layer, retain)
