@@ -193,3 +193,37 @@ def test_bad_arguments_fail_before_any_training(tmp_path, capsys):
         code = cli.main(["benchmark", "--out", str(tmp_path / "o"), *extra])
         assert code == 2 and message in capsys.readouterr().err, extra
     assert not (tmp_path / "o").exists()
+
+
+def test_a_killed_fine_tuning_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    """finetune_save_every: the fine-tuning keeps checkpoints; one killed at step 3 resumes
+    at its newest checkpoint and ends with the weights of an uninterrupted run."""
+    scale = benchmark.SCALES["cpu"].with_overrides({k: str(v) for k, v in TINY.items()})
+    scale = scale.with_overrides({"finetune_save_every": "2", "teach_stand_ins": "false"})
+    data = benchmark.generate_benchmark(num_authors=10, questions_per_author=4)
+    tokenizer = benchmark.train_tokenizer(benchmark.corpus_texts(data), vocab_size=400)
+    head = benchmark.make_head()
+    examples = data["full"]  # 40 examples, batch 8: 5 steps
+    whole, _ = benchmark.finetuned("whole", examples, tokenizer, scale, seed=0, out=tmp_path / "a", head=head,
+                                   progress=False, log=lambda line: None)
+    real_train = benchmark.train
+
+    def killed_at_step_3(*args, callbacks=(), **kwargs):
+        def kill(step, record):
+            if step == 3:
+                raise KeyboardInterrupt
+        return real_train(*args, callbacks=[*callbacks, kill], **kwargs)
+    monkeypatch.setattr(benchmark, "train", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        benchmark.finetuned("whole", examples, tokenizer, scale, seed=0, out=tmp_path / "b", head=head,
+                            progress=False, log=lambda line: None)
+    monkeypatch.setattr(benchmark, "train", real_train)
+    lines = []
+    resumed, loaded = benchmark.finetuned("whole", examples, tokenizer, scale, seed=0, out=tmp_path / "b",
+                                          head=head, progress=False, log=lines.append)
+    assert not loaded and any("resuming from the newest checkpoint" in line for line in lines)
+    log = [json.loads(line) for line in (tmp_path / "b" / "train" / "whole" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5]  # steps 1-2 from the first try (its checkpoint), 3-5 resumed
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert not (tmp_path / "b" / "train" / "whole" / "model").exists()  # the weights live in models/ only

@@ -40,6 +40,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,12 +83,13 @@ class Scale:
     teach_stand_ins: bool = True  # fine-tune on the real-world stand-ins (a model from scratch knows none)
     eval_utility_questions: int = 0  # questions of real_authors / world_facts evaluated (spread); 0: all
     unlearn_eval_every: int = 0  # steps between evaluations during unlearning (dynamics); 0: none
+    finetune_save_every: int = 0  # steps between checkpoints of a fine-tuning (a killed one resumes); 0: none
     grid: bool = False          # tune each method (learning rate, then its main knob) instead of its defaults
 
     def finetuning_settings(self) -> dict:
         """What a fine-tuned model depends on (not the unlearning, evaluation or grid settings)."""
         return {k: v for k, v in dataclasses.asdict(self).items()
-                if not k.startswith(("unlearn_", "eval_")) and k != "grid"}
+                if not k.startswith(("unlearn_", "eval_")) and k not in ("grid", "finetune_save_every")}
 
     def with_overrides(self, values: dict[str, str]) -> "Scale":
         fields = {f.name: f for f in dataclasses.fields(self)}
@@ -129,13 +131,13 @@ SCALES = {
                  finetune_lr=3e-4, finetune_epochs=20, finetune_batch_size=32,
                  unlearn_lr=3e-5, unlearn_epochs=10, unlearn_batch_size=32, eval_batch_size=128),
     # SmolLM2-135M-Instruct fine-tuned on 30 authors x 10 questions (forget01/05/10 = 1/2/3
-    # authors); sized on 2 cores from measured costs (README, "The benchmark"): a training
+    # authors), sized on 2 cores from measured costs (README, "The benchmark"): a training
     # step of batch 8 ~3.3 s, one evaluation ~2 min.
     "smol": Scale(num_authors=30, questions_per_author=10, vocab_size=0, model="smollm2", max_length=128,
-                  finetune_lr=1e-4, finetune_epochs=5, finetune_batch_size=8,
-                  unlearn_lr=1e-5, unlearn_epochs=5, unlearn_batch_size=8, eval_batch_size=32,
-                  num_perturbed=3, teach_stand_ins=False, eval_utility_questions=40, unlearn_eval_every=4,
-                  grid=True),
+                  finetune_lr=1e-4, finetune_epochs=8.0, finetune_batch_size=8,
+                  unlearn_lr=1e-5, unlearn_epochs=5.0, unlearn_batch_size=8, eval_batch_size=32,
+                  num_perturbed=3, teach_stand_ins=False, eval_utility_questions=30, unlearn_eval_every=5,
+                  finetune_save_every=50, grid=True),
 }
 
 
@@ -243,10 +245,11 @@ def model_fingerprint(examples: Sequence[dict], scale: Scale, seed: int) -> dict
 
 
 def finetuned(name: str, examples: Sequence[dict], tokenizer, scale: Scale, *, seed: int, out: Path, head,
-              progress: bool, base=None):
+              progress: bool, base=None, log: Callable[[str], None] = print):
     """A model fine-tuned on ``examples`` — from ``base`` (a pretrained model, copied) or
     freshly initialised — saved as ``<out>/models/<name>``; loaded from there instead when a
-    run with the same settings made it."""
+    run with the same settings made it. With ``finetune_save_every`` the fine-tuning itself
+    keeps checkpoints in ``<out>/train/<name>`` and a killed one resumes from the newest."""
     from transformers import AutoModelForCausalLM
     directory = out / "models" / name
     fingerprint = model_fingerprint(examples, scale, seed)
@@ -256,14 +259,37 @@ def finetuned(name: str, examples: Sequence[dict], tokenizer, scale: Scale, *, s
         model = copy.deepcopy(base).requires_grad_(True).train()
     else:
         model = build_tiny_llama(tokenizer, scale.model, seed=seed, max_position_embeddings=scale.max_length)
+    run_dir = out / "train" / name if scale.finetune_save_every else None
+    resume = run_dir is not None and _fingerprint_matches_file(run_dir / "fingerprint.json", fingerprint) \
+        and any((run_dir / "checkpoints").glob("*"))
     config = TrainConfig(lr=scale.finetune_lr, epochs=scale.finetune_epochs, batch_size=scale.finetune_batch_size,
                          warmup_ratio=scale.warmup_ratio, weight_decay=0.0, seed=seed, progress=progress,
-                         desc=f"fine-tune {name}")
+                         desc=f"fine-tune {name}", output_dir=str(run_dir) if run_dir else None,
+                         save_every=scale.finetune_save_every, resume=resume, overwrite=run_dir is not None and not resume)
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "fingerprint.json").write_text(json.dumps(_normalised(fingerprint), indent=1))
+        if resume:
+            log(f"  (fine-tune {name}: resuming from the newest checkpoint in {run_dir})")
+
+    def report(step, record):  # a line now and then: the run is hours long on a shared machine
+        if step % 25 == 0:
+            log(f"  fine-tune {name}: step {step}, epoch {record['epoch']:.2f}, loss {record['loss']:.3f}, "
+                f"{record['elapsed_s']:.0f} s")
     model = train(Finetune(head=head), Models(student=model),
-                  TrainData(examples, collate=QACollator(tokenizer, scale.max_length)), config)
+                  TrainData(examples, collate=QACollator(tokenizer, scale.max_length)), config, callbacks=[report])
     model.save_pretrained(directory, safe_serialization=True)
     (directory / "fingerprint.json").write_text(json.dumps(_normalised(fingerprint), indent=1))
+    if run_dir is not None:
+        shutil.rmtree(run_dir / "model", ignore_errors=True)  # the same weights as directory; logs stay
     return model, False
+
+
+def _fingerprint_matches_file(path: Path, fingerprint: dict) -> bool:
+    try:
+        return json.loads(path.read_text()) == _normalised(fingerprint)
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 def unlearned(method_name: str, setting: Setting, target, forget, retain, tokenizer, scale: Scale, *, seed: int,
@@ -378,7 +404,7 @@ def run_benchmark(scale: Scale, out: str | os.PathLike, *, splits: Sequence[str]
     def finetune(name, authors):
         examples = authors + stand_ins
         model, loaded = timed(f"fine-tune {name}", lambda: finetuned(
-            name, examples, tokenizer, scale, seed=seed, out=out, head=head, progress=progress, base=base))
+            name, examples, tokenizer, scale, seed=seed, out=out, head=head, progress=progress, base=base, log=log))
         if loaded:
             log(f"  (loaded from {out / 'models' / name}: same settings)")
         return model.eval(), model_fingerprint(examples, scale, seed)
