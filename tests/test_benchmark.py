@@ -180,6 +180,14 @@ def test_smol_scale_is_the_pretrained_base_with_every_method():
     assert scale.model == "smollm2" and not scale.teach_stand_ins and scale.grid and scale.unlearn_eval_every
     benchmark.check_arguments(scale, benchmark.SPLITS, benchmark.DEFAULT_METHODS)
     assert {"rmu", "idkdpo"} <= set(benchmark.DEFAULT_METHODS)
+    data = benchmark.generate_benchmark(num_authors=scale.num_authors, questions_per_author=scale.questions_per_author,
+                                        num_perturbed=scale.num_perturbed)
+    assert [len(data[s]) for s in benchmark.SPLITS] == [10, 20, 30]  # 1, 2 and 3 authors
+    sets = benchmark.eval_sets(data, "forget10", scale)
+    assert {name: len(records) for name, records in sets.items()} == {
+        "forget": 30, "retain": 30, "real_authors": 30, "world_facts": 30, "holdout": 30}
+    assert len({r["question"].split()[0] for r in sets["world_facts"]}) > 1  # spread over the table, not its head
+    assert all(len(r["perturbed_answer"]) == 3 for r in sets["forget"])
     defaults = {o.name: o.default for o in cli.BENCHMARK_OPTS}
     assert defaults["methods"] == ",".join(benchmark.DEFAULT_METHODS) and "smol" in cli.BENCHMARK_OPTS[2].choices
 
