@@ -20,7 +20,7 @@ from unlearn_ext.eval.report import _format
 TINY = {"num_authors": 10, "questions_per_author": 4, "vocab_size": 400, "max_length": 96, "finetune_lr": 3e-3,
         "finetune_epochs": 1, "finetune_batch_size": 8, "unlearn_lr": 1e-3, "unlearn_epochs": 1,
         "unlearn_batch_size": 4, "eval_batch_size": 32, "unlearn_eval_every": 1}
-METHODS = ("ga", "npo_rt")
+METHODS = ("ga", "npo_rt", "rkld")  # rkld: trains a model of its own in prepare
 
 
 def run_cli(out, capsys, *extra):

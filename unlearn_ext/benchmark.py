@@ -301,12 +301,22 @@ def unlearned(method_name: str, setting: Setting, target, forget, retain, tokeni
     student = copy.deepcopy(target).requires_grad_(True).train()
     reference = freeze(copy.deepcopy(target)) if method.needs_reference() else None
     config = TrainConfig(lr=setting.lr, epochs=scale.unlearn_epochs, batch_size=scale.unlearn_batch_size,
-                         seed=seed, progress=progress, desc=f"{method_name} {setting.label()}",
-                         eval_every=scale.unlearn_eval_every if evaluator is not None else 0)
+                         seed=seed, progress=progress, desc=f"{method_name} {setting.label()}")
     log: list[dict] = []
+
+    def after_step(step, record):
+        log.append(record)
+        if evaluator is not None and step % evaluator.every == 0:
+            evaluator(student, step)
+    # The dynamics are evaluated from a callback (on the student the trainer updates in place),
+    # not through TrainConfig.eval_every: a method that trains a model of its own in prepare
+    # (RKLD's augmented model) reuses this config, and its inner run has no evaluator.
+    if evaluator is not None:
+        evaluator(student, 0)
     model = train(method, Models(student=student, reference=reference),
-                  TrainData(forget, retain, QACollator(tokenizer, scale.max_length)), config,
-                  callbacks=[lambda step, record: log.append(record)], evaluator=evaluator)
+                  TrainData(forget, retain, QACollator(tokenizer, scale.max_length)), config, callbacks=[after_step])
+    if evaluator is not None and evaluator.records[-1]["step"] != log[-1]["step"]:
+        evaluator(model, log[-1]["step"])  # the last step, as the trainer's own evaluation does
     return model, {**dataclasses.asdict(method.options), "head": method.head.name}, log
 
 
