@@ -1,6 +1,7 @@
 """``unlearn-ext benchmark`` end to end at a tiny scale (10 authors x 4 questions, one
-epoch of everything; about 20 s on one core): the protocol runs through the command line, writes its JSON,
-Markdown table and plot, and the three agree with each other and with the metrics."""
+epoch of everything; about 30 s on one core): the protocol runs through the command line, writes its JSON,
+Markdown table, plot and dynamics, the three agree with each other and with the metrics, and a second
+run continues from the stages the first cached (the tuning grid's new settings only)."""
 from __future__ import annotations
 
 import json
@@ -12,14 +13,14 @@ import pytest
 import torch
 from tiny_lm import one_thread  # noqa: F401  (autouse: tiny models run fastest on one thread)
 
-from unlearn_ext import benchmark, cli
+from unlearn_ext import benchmark, benchmark_report, cli
 from unlearn_ext.eval import forget_quality, model_utility
 from unlearn_ext.eval.report import _format
 
 TINY = {"num_authors": 10, "questions_per_author": 4, "vocab_size": 400, "max_length": 96, "finetune_lr": 3e-3,
         "finetune_epochs": 1, "finetune_batch_size": 8, "unlearn_lr": 1e-3, "unlearn_epochs": 1,
-        "unlearn_batch_size": 4, "eval_batch_size": 32}
-METHODS = ("ga", "npo_rt")
+        "unlearn_batch_size": 4, "eval_batch_size": 32, "unlearn_eval_every": 1}
+METHODS = ("ga", "npo_rt", "rkld")  # rkld: trains a model of its own in prepare
 
 
 def run_cli(out, capsys, *extra):
@@ -82,38 +83,155 @@ def test_rows_follow_from_the_detailed_results(report):
         assert details[name]["sets"]["forget"]["per_example"]["prob"] != before, name
 
 
+def test_dynamics_of_every_method_run(report):
+    """unlearn_eval_every: each run's answer probabilities during unlearning, from step 0 to
+    the last step, plotted and logged; step 0 is the target itself."""
+    out, result = report
+    details = json.loads((out / "benchmark.json").read_text())["details"]["forget10"]["results"]
+    start = details["finetuned"]["sets"]["forget"]["prob"]
+    for name in METHODS:
+        assert (out / "dynamics" / f"forget10-{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        records = json.loads((out / "dynamics" / f"forget10-{name}.json").read_text())["records"]
+        total = math.ceil(TINY["questions_per_author"] * TINY["unlearn_epochs"] / TINY["unlearn_batch_size"])
+        assert [r["step"] for r in records] == list(range(total + 1))
+        assert records[0]["forget.prob"] == pytest.approx(start, rel=1e-5)
+        assert records[-1]["forget.prob"] == pytest.approx(details[name]["sets"]["forget"]["prob"], rel=1e-5)
+
+
+def _table(text: str, heading: str) -> list[list[str]]:
+    section = text.split(heading, 1)[1].split("\n## ", 1)[0]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines() if line.startswith("| ")]
+
+
 def test_markdown_table_matches_the_rows(report):
     out, result = report
     text = (out / "benchmark.md").read_text()
-    lines = [line for line in text.splitlines() if line.startswith("| ")]
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    assert header == list(benchmark.TABLE_COLUMNS)
-    body = [[c.strip() for c in line.strip("|").split("|")] for line in lines[1:]]
-    assert len(body) == len(result["rows"])
-    for cells, row in zip(body, result["rows"]):
-        assert cells == [_format(row.get(c)) for c in header]
+    lines = _table(text, "## Results")
+    assert lines[0] == list(benchmark_report.TABLE_COLUMNS)
+    assert len(lines) - 1 == len(result["rows"])
+    for cells, row in zip(lines[1:], result["rows"]):
+        assert cells == [_format(row.get(c)) for c in lines[0]]
         assert not any(c == "nan" for c in cells)
+    knowledge = _table(text, "## Does the target know the authors?")
+    assert [c[1] for c in knowledge[1:]] == ["finetuned (target)", "retain model"]
     assert result["machine"] in text and "forget10" in text
 
 
-def test_second_run_reuses_the_models_through_the_cli(report, capsys):
+def test_second_run_continues_from_the_cached_stages(report, capsys):
+    """Through the CLI, with the grid on: the models, their evaluations and the default run
+    come from disk; only the grid's new settings (learning rate x 0.3 and x 3) run."""
     out, first = report
-    code, printed = run_cli(out, capsys)
+    code, printed = run_cli(out, capsys, "--scale-arg", "grid=true")
     assert code == 0
     assert printed.count("(loaded from") == 2  # target and retain90: same settings, not trained again
-    again = json.loads((out / "benchmark.json").read_text())["rows"]
-    assert [r["method"] for r in again] == ["retain", "finetuned", "ga"]
-    for a, b in zip(again, first["rows"]):  # seeded: the same numbers
-        assert a["method"] == b["method"]
+    assert "(evaluation of forget10 retain: cached)" in printed and "(forget10 ga lr0.001: cached)" in printed
+    ran = [line.split("] ", 1)[1] for line in printed.splitlines() if "] forget10 ga" in line]
+    assert ran == ["forget10 ga lr0.0003", "forget10 ga lr0.003"]
+    saved = json.loads((out / "benchmark.json").read_text())
+    assert sorted(r["setting"] for r in saved["grid_rows"]) == ["lr 0.0003", "lr 0.001", "lr 0.003"]
+    assert [r["method"] for r in saved["rows"]] == ["retain", "finetuned", "ga"]
+    for a, b in zip(saved["rows"][:2], first["rows"]):  # cached: the same numbers
         for key in ("forget_quality", "model_utility", "forget.prob"):
-            assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-6), (a["method"], key)
+            assert math.isclose(a[key], b[key], rel_tol=1e-9), (a["method"], key)
+    # The selection rule picked the row shown, among the grid's rows.
+    chosen = benchmark.select(saved["grid_rows"], saved["rows"][1]["model_utility"])
+    assert saved["rows"][2]["setting"] == chosen["setting"]
+    assert [r["selected"] for r in saved["grid_rows"] if r["setting"] == chosen["setting"]] == ["yes"]
+
+
+def test_a_changed_setting_reruns_its_stage(tmp_path):
+    calls = []
+    path = tmp_path / "stage.json"
+    for fingerprint, expect in (({"lr": 1}, 1), ({"lr": 1}, 1), ({"lr": 2}, 2)):
+        result, _ = benchmark.cached(path, fingerprint, lambda: calls.append(1) or {"n": len(calls)})
+        assert result == {"n": expect}
+    path.write_text('{"fingerprint": {"lr": 2}, "res')  # a file a kill cut short: computed again
+    assert benchmark.cached(path, {"lr": 2}, lambda: {"n": 9}) == ({"n": 9}, False)
+
+
+def test_tuning_plan_is_a_coordinate_search():
+    """Learning rate first (x 0.3, 1, 3 at the default options), then the knob at the chosen
+    learning rate; the selection rule holds utility to 0.9 x the target's."""
+    scale = benchmark.SCALES["smol"]
+    seen = []
+
+    def fake_run(name, setting):  # forget quality rises with lr and beta; utility falls at the top lr
+        seen.append(setting.describe())
+        options = dict(setting.options)
+        return {"label": setting.label(), "forget_quality": setting.lr * options.get("beta", 0.1),
+                "model_utility": 0.5 if setting.lr > 2e-5 else 0.6}
+
+    best = benchmark.tune("npo", "forget10", scale, fake_run, target_utility=0.6)
+    assert seen == ["lr 1e-05", "lr 3e-06", "lr 3e-05", "lr 1e-05, beta 0.05", "lr 1e-05, beta 0.5"]
+    assert best.describe() == "lr 1e-05, beta 0.5"  # lr 3e-05 forgets more but loses 17 % utility
+    seen.clear()
+    benchmark.tune("ga", "forget10", scale, fake_run, target_utility=0.6)
+    assert seen == ["lr 1e-05", "lr 3e-06", "lr 3e-05"]  # no knob
+    seen.clear()
+    benchmark.tune("simnpo", "forget10", scale, fake_run, target_utility=0.6)
+    assert seen[0] == "lr 1e-05, beta 4.5, forget_weight 0.125" and len(seen) == 5  # its forget10 setting
+    # None keeps 0.9 x utility: the highest utility wins.
+    assert benchmark.select([{"forget_quality": 0.9, "model_utility": 0.1},
+                             {"forget_quality": 0.1, "model_utility": 0.3}], 1.0)["model_utility"] == 0.3
+
+
+def test_smol_scale_is_the_pretrained_base_with_every_method():
+    scale = benchmark.SCALES["smol"]
+    assert scale.model == "smollm2" and not scale.teach_stand_ins and scale.grid and scale.unlearn_eval_every
+    benchmark.check_arguments(scale, benchmark.SPLITS, benchmark.DEFAULT_METHODS)
+    assert {"rmu", "idkdpo"} <= set(benchmark.DEFAULT_METHODS)
+    data = benchmark.generate_benchmark(num_authors=scale.num_authors, questions_per_author=scale.questions_per_author,
+                                        num_perturbed=scale.num_perturbed)
+    assert [len(data[s]) for s in benchmark.SPLITS] == [10, 20, 30]  # 1, 2 and 3 authors
+    sets = benchmark.eval_sets(data, "forget10", scale)
+    assert {name: len(records) for name, records in sets.items()} == {
+        "forget": 30, "retain": 30, "real_authors": 30, "world_facts": 30, "holdout": 30}
+    assert len({r["question"].split()[0] for r in sets["world_facts"]}) > 1  # spread over the table, not its head
+    assert all(len(r["perturbed_answer"]) == 3 for r in sets["forget"])
+    defaults = {o.name: o.default for o in cli.BENCHMARK_OPTS}
+    assert defaults["methods"] == ",".join(benchmark.DEFAULT_METHODS) and "smol" in cli.BENCHMARK_OPTS[2].choices
 
 
 def test_bad_arguments_fail_before_any_training(tmp_path, capsys):
     for extra, message in [(("--methods", "ga,nope"), "unknown method 'nope'"),
                            (("--splits", "forget50"), "unknown split 'forget50'"),
                            (("--scale-arg", "epochs=3"), "unknown setting epochs"),
-                           (("--scale-arg", "num_authors=many"), "expected int")]:
+                           (("--scale-arg", "num_authors=many"), "expected int"),
+                           (("--scale-arg", "grid=maybe"), "expected bool")]:
         code = cli.main(["benchmark", "--out", str(tmp_path / "o"), *extra])
         assert code == 2 and message in capsys.readouterr().err, extra
     assert not (tmp_path / "o").exists()
+
+
+def test_a_killed_fine_tuning_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    """finetune_save_every: the fine-tuning keeps checkpoints; one killed at step 3 resumes
+    at its newest checkpoint and ends with the weights of an uninterrupted run."""
+    scale = benchmark.SCALES["cpu"].with_overrides({k: str(v) for k, v in TINY.items()})
+    scale = scale.with_overrides({"finetune_save_every": "2", "teach_stand_ins": "false"})
+    data = benchmark.generate_benchmark(num_authors=10, questions_per_author=4)
+    tokenizer = benchmark.train_tokenizer(benchmark.corpus_texts(data), vocab_size=400)
+    head = benchmark.make_head()
+    examples = data["full"]  # 40 examples, batch 8: 5 steps
+    whole, _ = benchmark.finetuned("whole", examples, tokenizer, scale, seed=0, out=tmp_path / "a", head=head,
+                                   progress=False, log=lambda line: None)
+    real_train = benchmark.train
+
+    def killed_at_step_3(*args, callbacks=(), **kwargs):
+        def kill(step, record):
+            if step == 3:
+                raise KeyboardInterrupt
+        return real_train(*args, callbacks=[*callbacks, kill], **kwargs)
+    monkeypatch.setattr(benchmark, "train", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        benchmark.finetuned("whole", examples, tokenizer, scale, seed=0, out=tmp_path / "b", head=head,
+                            progress=False, log=lambda line: None)
+    monkeypatch.setattr(benchmark, "train", real_train)
+    lines = []
+    resumed, loaded = benchmark.finetuned("whole", examples, tokenizer, scale, seed=0, out=tmp_path / "b",
+                                          head=head, progress=False, log=lines.append)
+    assert not loaded and any("resuming from the newest checkpoint" in line for line in lines)
+    log = [json.loads(line) for line in (tmp_path / "b" / "train" / "whole" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5]  # steps 1-2 from the first try (its checkpoint), 3-5 resumed
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert not (tmp_path / "b" / "train" / "whole" / "model").exists()  # the weights live in models/ only

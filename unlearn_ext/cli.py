@@ -206,13 +206,15 @@ COMPARE_OPTS = [
 ]
 BENCHMARK_OPTS = [
     Opt("config", help="YAML file of options; command-line options override it"),
-    Opt("out", help="output directory: benchmark.json/.md/.png, data/, models/ (required)"),
-    Opt("scale", default="cpu", choices=("cpu", "gpu"),
-        help="cpu: 40 authors, a 1M-parameter Llama, ~25 min on one CPU core; gpu: TOFU's 200 authors, a 75M Llama"),
+    Opt("out", help="output directory: benchmark.json/.md/.png, data/, models/, evals/, runs/ (required; a rerun "
+                    "with the same settings continues where it stopped)"),
+    Opt("scale", default="cpu", choices=("cpu", "gpu", "smol"),
+        help="cpu: 40 authors, a 1M-parameter Llama, ~25 min on one CPU core; gpu: TOFU's 200 authors, a 75M Llama; "
+             "smol: SmolLM2-135M-Instruct fine-tuned on 30 authors, every method tuned (hours on 2 cores, resumable)"),
     Opt("scale-arg", help="override one setting of the scale, e.g. --scale-arg unlearn_lr=3e-4 (repeatable; "
                           "YAML: scale_args mapping; see unlearn_ext.benchmark.Scale)", flag_kind="list"),
     Opt("splits", default="forget01,forget05,forget10", help="comma-separated forget splits"),
-    Opt("methods", default="ga,graddiff,npo,npo_rt,simnpo,rkld,undial", help="comma-separated methods"),
+    Opt("methods", default="ga,graddiff,npo,npo_rt,simnpo,rkld,undial,rmu,idkdpo", help="comma-separated methods"),
     Opt("seed", int, 0, "seed of the data, the initialisations and the training order"),
     Opt("fused", _bool, None, "loss path: fused-linear or materialised logits; default: fused",
         flag_kind="bool"),

@@ -64,8 +64,8 @@ def _plan(name: str, records: Sequence[Mapping], kind: str):
     groups = {"answer": [r["answer"] for r in records]}
     perturbed = _perturbed(records, name) if kind != "holdout" else None
     if perturbed is not None:
-        groups["reference"] = [r.get("paraphrased_answer", r["answer"]) if kind != "options" else r["answer"]
-                               for r in records]
+        if kind != "options":  # an options set's reference is the answer itself: scored once, as "answer"
+            groups["reference"] = [r.get("paraphrased_answer", r["answer"]) for r in records]
         groups["perturbed"] = [a for p in perturbed for a in p]
     pairs, spans = [], {}
     for group, answers in groups.items():
@@ -99,7 +99,8 @@ def _evaluate_set(model, tokenizer, records, kind, plan, *, generate, batch_size
         per_example["prob"] = prob.tolist()
         result["prob"] = float(prob.mean())
         if "perturbed" in spans:
-            ratios = metrics.truth_ratio(group("reference", "logprob"), group("reference", "length"),
+            reference = "reference" if "reference" in spans else "answer"
+            ratios = metrics.truth_ratio(group(reference, "logprob"), group(reference, "length"),
                                          group("perturbed", "logprob"), group("perturbed", "length"))
             per_example["truth_ratio_raw"] = ratios.tolist()
             result["truth_ratio"] = metrics.truth_ratio_score(ratios, forget=kind == "forget")
