@@ -331,6 +331,15 @@ def test_eval_every_logs_plots_and_keeps_the_best(capsys, files, tmp_path):
     assert code == 2 and "need --eval-every" in err
 
 
+def test_eval_every_with_a_method_that_trains_in_prepare(capsys, files, tmp_path):
+    """RKLD fine-tunes its augmented model in prepare with the outer run's settings: the outer
+    run's evaluation is not that inner run's (it failed with "eval_every and an evaluator go together")."""
+    out = tmp_path / "run"
+    code, _, err = run(capsys, *_unlearn(files, out, "--eval-every", 1, "--keep-best", method="rkld"))
+    assert code == 0, err
+    assert [json.loads(line)["step"] for line in (out / "eval.jsonl").read_text().splitlines()] == [0, 1, 2]
+
+
 def test_keep_best_saves_nothing_when_no_step_beats_the_start(capsys, files, tmp_path):
     """lr 0 (constant): nothing moves, every evaluation equals step 0's, which stays the best."""
     code, stdout, err = run(capsys, *_unlearn(files, tmp_path / "run", "--eval-every", 1, "--keep-best", "--lr", 0,

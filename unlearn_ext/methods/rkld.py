@@ -66,7 +66,8 @@ class RKLD(Method):
         o = self.options
         outer = data.train_config if data.train_config is not None else TrainConfig()
         config = dataclasses.replace(outer, lr=o.augment_lr, epochs=o.augment_epochs, max_steps=None,
-                                     output_dir=None, resume=False, desc="rkld: augmented model")
+                                     output_dir=None, resume=False, desc="rkld: augmented model",
+                                     eval_every=0, keep_best=False)  # the outer run's evaluator is not this run's
         finetune, examples = Finetune(head=self.head), TrainData(data.forget, collate=data.collate)
         if _augment_as_adapter(models, outer):
             student = models.student
