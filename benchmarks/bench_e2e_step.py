@@ -8,14 +8,16 @@ Llama-style model with Llama 3's vocabulary (V = 128256), four ways side by side
   [N, V] logits, prompt rows skipped), frozen models re-run every step;
 - ``fused_cache``: the same with the frozen cache (unlearn_ext.methods.cache): frozen
   models ran once before training, their bodies off the device;
-- ``fused_cache_lora``: the same with LoRA adapters on the student (unlearn_ext.lora; the
-  reference is the student with its adapters disabled). Left out where that module is
-  missing.
+- ``fused_cache_lora``: the same with LoRA adapters on the student (unlearn_ext.lora, r = 8
+  on the attention and MLP projections; the reference is the student with its adapters
+  disabled, RKLD's augmented model a second adapter on the same base). Left out where
+  that module is missing.
 
-    python benchmarks/bench_e2e_step.py                      # CPU: 192M parameters (164M of them the untied
-                                                             # embeddings and head), seq 256, batch 4, fp32
+    python benchmarks/bench_e2e_step.py                      # CPU: a Llama-3.2-style model scaled to 96M
+                                                             # parameters (tied embeddings: 66M of them),
+                                                             # seq 256, batch 8, fp32
     python benchmarks/bench_e2e_step.py --device cuda --hidden 2048 --layers 16 --intermediate 8192 \\
-        --heads 32 --kv-heads 8 --seq 512 --batch 8 --dtype bfloat16   # ~1.2B (Llama-3.2-1B's shape)
+        --heads 32 --kv-heads 8 --seq 512 --batch 8 --dtype bfloat16   # 1.24B (Llama-3.2-1B's shape)
 
 Each (method, variant) runs in a fresh process: build the models, the optimizer and (cache
 variants) the cache, one warm-up step, then the median of --repeats timed steps. Memory:
@@ -78,14 +80,22 @@ def build(cfg, method_name: str, variant: str) -> SimpleNamespace:
                          attention_dropout=0.0)
     student = LlamaForCausalLM(config).to(device=device, dtype=dtype)
     s = SimpleNamespace(cfg=cfg, method_name=method_name, variant=variant, cache=None)
+    extra = {}
     if variant == "fused_cache_lora":
-        from unlearn_ext.lora import LoraOptions, WithoutAdapters, attach_lora
+        from unlearn_ext.lora import LoraOptions, WithoutAdapters, add_adapter, attach_lora
+        from unlearn_ext.methods.rkld import AUGMENTED_ADAPTER
         attach_lora(student, LoraOptions())
         reference = WithoutAdapters(student)
+        if method_name == "rkld":  # the augmented model: a second adapter, perturbed in place of RKLD's fine-tuning
+            add_adapter(student, AUGMENTED_ADAPTER)
+            with torch.no_grad():
+                for name, p in student.named_parameters():
+                    if f"lora_B.{AUGMENTED_ADAPTER}." in name:
+                        p.normal_(0, 0.01)
+            extra["augmented"] = WithoutAdapters(student, AUGMENTED_ADAPTER)
     else:
         reference = freeze(copy.deepcopy(student))
-    extra = {}
-    if method_name == "rkld":  # the augmented model: a perturbed copy stands in for RKLD's fine-tuning (same cost)
+    if method_name == "rkld" and not extra:  # the augmented model: a perturbed copy stands in for its fine-tuning
         augmented = freeze(copy.deepcopy(reference)).to(device)
         with torch.no_grad():
             for p in augmented.parameters():
@@ -100,7 +110,7 @@ def build(cfg, method_name: str, variant: str) -> SimpleNamespace:
     labels = ids.clone()
     labels[:, :prompt] = -100
     s.full = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    s.to_device = lambda part: {k: v.to(device) for k, v in part.items()}
+    s.to_device = lambda part: {k: v if k == "example_id" else v.to(device) for k, v in part.items()}  # as the trainer
     s.part = s.to_device({**s.full, "example_id": torch.arange(cfg.batch)})
     if variant != "eager":
         s.method = METHODS[method_name](head=FusedLinearHead())
@@ -217,6 +227,7 @@ def measure_child(cfg, method_name, variant, results):
         out["resident_bytes"] = device_resident_bytes(s)
         out["peak_bytes"] = out["resident_bytes"] + out["transient_bytes"]
     out["params"] = sum(p.numel() for p in s.models.student.parameters())
+    out["trainable_params"] = sum(p.numel() for p in s.models.student.parameters() if p.requires_grad)
     if s.cache is not None:
         out["cache"] = s.cache.summary()
     results.put(out)
@@ -296,14 +307,17 @@ def main(argv=None):
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--vocab", type=int, default=128256)
-    p.add_argument("--hidden", type=int, default=640)
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--intermediate", type=int, default=1792)
-    p.add_argument("--heads", type=int, default=10)
-    p.add_argument("--kv-heads", type=int, default=5)
+    # Llama-3.2's proportions (intermediate 4·H, 4 query heads per key/value head, tied
+    # embeddings) at about 100M parameters.
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--intermediate", type=int, default=2048)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--tie-embeddings", action="store_true", help="LM head tied to the input embeddings")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=True,
+                   help="LM head tied to the input embeddings (Llama 3.2's small models)")
     p.add_argument("--answer-frac", type=float, default=0.6)
     p.add_argument("--dtype", choices=list(DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--repeats", type=int, default=3)

@@ -27,9 +27,19 @@ budget is 7.78 x b, and the fused forward as a whole (pass 1 + pass 2) moves the
 these is an upper bound on what a loop may cost, not a target: latency, the L2's own
 bandwidth and the block merges come on top.
 
+Kernel variants. The forward is compiled three ways per op and dtype (row_kernels.cu's
+kWriteGrad, kStaged): "forward" (values only: pass 1), "fused" (the forward that writes
+the gradient, pass 2 re-reading the row from L2) and "fused_onchip" (pass 1 also copies
+the row into shared memory, pass 2 reads it from there); then the separate "backward".
+Every variant's loops are counted and budgeted by the HBM bytes they move: the stage's
+shared-memory stores and loads move none.
+
 A hot loop is an innermost loop (a backward branch whose body holds no other) that moves
-16-byte vectors; its elements per iteration are its 16-byte loads per input times the
-vector's elements (or its 16-byte stores, for the gradient pass). The plain losses run
+16-byte vectors (global loads, or shared-memory loads for the on-chip gradient pass); its
+elements per iteration are its 16-byte loads per input times the vector's elements (or
+its 16-byte global stores, for the gradient pass). Each loop's local-memory accesses
+(LDL/STL: ptxas's register spills) are counted too: a spill inside a hot loop would cost
+memory traffic per element; spills outside them cost a few bytes per row. The plain losses run
 loops that are one basic block each: their count is exact, and these are budgeted. The
 general code (a softcap, cross entropy's label smoothing or z-loss, JSD, and the tiles
 that hold the label or end the row) has branches inside: every instruction of its body is
@@ -62,7 +72,9 @@ INSTR_PER_BYTE = SMS * SCHEDULERS * WARP * CLOCK_HZ / COPY_BYTES_PER_S
 OPS = ["token_logprob", "cross_entropy", "forward_kl", "reverse_kl", "rkld", "undial"]
 INPUTS = {"token_logprob": 1, "cross_entropy": 1, "forward_kl": 2, "reverse_kl": 2, "rkld": 3, "undial": 2}
 PATHS = {0: ("float32", 4), 1: ("bfloat16", 2), 2: ("float16", 2), 3: ("scalar", None)}  # row_thread.h's Path
-KERNEL = re.compile(r"row_(forward|backward)_kernelILNS_2OpE(\d)E([fd])LNS0_4PathE(\d)E")
+KERNEL = re.compile(r"row_(forward|backward)_kernelILNS_2OpE(\d)E([fd])LNS0_4PathE(\d)E(?:Lb([01])ELb([01])E)?")
+VARIANTS = {None: "backward", ("0", "0"): "forward", ("1", "0"): "fused", ("1", "1"): "fused_onchip",
+            ("0", "1"): "forward_onchip"}  # the last: JSD's second sum only (not budgeted)
 INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 LABEL = re.compile(r"^(\.L_x_\d+):")
 BRANCH = re.compile(r"\bBRA(?:\.[A-Z.]+)?\s+`?\(?(\.L_x_\d+)")
@@ -70,7 +82,8 @@ BRANCH = re.compile(r"\bBRA(?:\.[A-Z.]+)?\s+`?\(?(\.L_x_\d+)")
 
 def budget(inputs: int, elem_bytes: int, loop: str) -> float:
     """Instructions per element a loop may issue at copy speed (see the docstring)."""
-    traffic = {"pass1": inputs, "fused_grad": 1, "backward": inputs + 1, "fused_total": inputs + 1}[loop]
+    traffic = {"pass1": inputs, "pass1_staged": inputs, "fused_grad": 1, "fused_grad_onchip": 1,
+               "backward": inputs + 1, "fused_total": inputs + 1}[loop]
     return INSTR_PER_BYTE * elem_bytes * traffic
 
 
@@ -104,14 +117,15 @@ def cubin(nvcc: str) -> str:
 
 @dataclasses.dataclass
 class Loop:
-    kernel: str      # forward / backward
+    kernel: str      # forward / fused / fused_onchip / backward (VARIANTS)
     op: str
     dtype: str
-    kind: str        # pass1 / fused_grad / backward
+    kind: str        # pass1 / pass1_staged / fused_grad / fused_grad_onchip / backward
     instructions: int
     elements: int    # per iteration, per thread
     exact: bool      # one basic block (else every instruction of the body counted)
     lines: str       # source lines of its first instruction
+    local: int = 0   # local-memory accesses (register spills) in the body
 
     @property
     def per_element(self) -> float:
@@ -161,15 +175,20 @@ def hot_loops(kernel: str, op: str, dtype: str, lines: list[str]) -> list[Loop]:
             continue  # not innermost
         body = [t for _, t, _ in instrs[first:last + 1]]
         loads = sum(1 for t in body if re.search(r"\bLDG\.E[A-Z.]*\.128\b", t))
+        shared_loads = sum(1 for t in body if re.search(r"\bLDS(?:\.[A-Z0-9]+)*\.128\b", t))
+        shared_stores = sum(1 for t in body if re.search(r"\bSTS(?:\.[A-Z0-9]+)*\.128\b", t))
         stores = sum(1 for t in body if re.search(r"\bSTG\.E[A-Z.]*\.128\b", t))
-        if loads == 0:
+        local = sum(1 for t in body if re.search(r"\b(?:LDL|STL)\b", t))
+        if loads == 0 and shared_loads == 0:
             continue  # not a loop that streams the row (scalar ends, zeroing an ignored row)
         branches = sum(1 for t in body[:-1] if BRANCH.search(t))
         if stores:
-            kind, elements = ("fused_grad" if kernel == "forward" else "backward"), stores * n_per_vec
+            kind = "backward" if kernel == "backward" else "fused_grad_onchip" if shared_loads else "fused_grad"
+            elements = stores * n_per_vec
         else:
-            kind, elements = "pass1", loads // INPUTS[op] * n_per_vec
-        loops.append(Loop(kernel, op, dtype, kind, len(body), elements, branches == 0, instrs[first][2]))
+            kind = "pass1_staged" if shared_stores else "pass1"
+            elements = (loads or shared_loads) // INPUTS[op] * n_per_vec
+        loops.append(Loop(kernel, op, dtype, kind, len(body), elements, branches == 0, instrs[first][2], local))
     return loops
 
 
@@ -181,21 +200,25 @@ def analyse(cubin_path: str, nvdisasm: str) -> list[Loop]:
         m = KERNEL.search(name)
         if not m or m.group(3) != "f" or PATHS[int(m.group(4))][1] is None or int(m.group(2)) >= len(OPS):
             continue  # float64 / scalar variants, JSD: not budgeted
-        kernel, op, dtype = m.group(1), OPS[int(m.group(2))], PATHS[int(m.group(4))][0]
+        variant = VARIANTS[None if m.group(1) == "backward" else (m.group(5), m.group(6))]
+        if variant == "forward_onchip":
+            continue
+        kernel, op, dtype = variant, OPS[int(m.group(2))], PATHS[int(m.group(4))][0]
         loops += hot_loops(kernel, op, dtype, lines)
     return loops
 
 
 def fused_totals(loops: list[Loop]) -> dict:
-    """Per op and dtype: the fused forward's pass 1 + pass 2 per element, and its budget."""
+    """Per fused variant (fused: pass 2 from L2; fused_onchip: from shared memory), op and
+    dtype: pass 1 + the gradient pass per element, and the budget of the floor's bytes."""
     out = {}
     for lp in loops:
-        if lp.kernel == "forward" and lp.exact:
-            key = (lp.op, lp.dtype)
-            cur = out.setdefault(key, {"pass1": 0.0, "fused_grad": 0.0})
-            cur[lp.kind] = max(cur[lp.kind], lp.per_element)
-    return {k: {**v, "total": v["pass1"] + v["fused_grad"], "budget": budget(INPUTS[k[0]], PATHS_BY_NAME[k[1]],
-                                                                                "fused_total")}
+        if lp.kernel in ("fused", "fused_onchip") and lp.exact:
+            cur = out.setdefault((lp.kernel, lp.op, lp.dtype), {"pass1": 0.0, "grad": 0.0})
+            part = "grad" if lp.kind.startswith("fused_grad") else "pass1"
+            cur[part] = max(cur[part], lp.per_element)
+    return {k: {**v, "total": v["pass1"] + v["grad"], "budget": budget(INPUTS[k[1]], PATHS_BY_NAME[k[2]],
+                                                                          "fused_total")}
             for k, v in out.items()}
 
 
@@ -209,22 +232,26 @@ def main():
     loops = analyse(cubin(nvcc), nvdisasm)
     print(f"# H200 budget: {SMS} SM x {SCHEDULERS} x {WARP} x {CLOCK_HZ / 1e9:.2f} GHz / "
           f"{COPY_BYTES_PER_S / 1e12:.1f} TB/s = {INSTR_PER_BYTE:.2f} SASS instructions per byte moved")
-    print(f"{'op':14} {'dtype':9} {'loop':11} {'instr':>6} {'elems':>5} {'per elem':>9} {'budget':>7}  ok   source")
-    for lp in sorted(loops, key=lambda x: (OPS.index(x.op), x.dtype, x.kernel, x.kind)):
-        ok = ("yes" if lp.per_element <= lp.budget else "NO") if lp.exact else "general"
-        print(f"{lp.op:14} {lp.dtype:9} {lp.kind:11} {lp.instructions:6} {lp.elements:5} "
-              f"{'' if lp.exact else '<='}{lp.per_element:7.1f} {lp.budget:7.1f}  {ok:7} {lp.lines}")
-    print("\n# the fused forward (pass 1 + gradient pass) against the floor's budget")
+    print(f"{'op':14} {'dtype':9} {'variant':12} {'loop':17} {'instr':>6} {'elems':>5} {'per elem':>9} "
+          f"{'budget':>7}  ok      spills source")
+    order = list(VARIANTS.values())
+    for lp in sorted(loops, key=lambda x: (OPS.index(x.op), x.dtype, order.index(x.kernel), x.kind)):
+        ok = ("total" if lp.kind.startswith("fused_grad") else "yes" if lp.per_element <= lp.budget else "NO") \
+            if lp.exact else "general"  # a gradient pass is budgeted with its pass 1 (the totals below)
+        print(f"{lp.op:14} {lp.dtype:9} {lp.kernel:12} {lp.kind:17} {lp.instructions:6} {lp.elements:5} "
+              f"{'' if lp.exact else '<='}{lp.per_element:7.1f} {lp.budget:7.1f}  {ok:7} {lp.local:6} {lp.lines}")
+    print("\n# the fused forwards (pass 1 + gradient pass) against the floor's budget")
     totals = fused_totals(loops)
-    for (op, dtype), v in sorted(totals.items(), key=lambda kv: (OPS.index(kv[0][0]), kv[0][1])):
-        print(f"{op:14} {dtype:9} {v['pass1']:6.1f} + {v['fused_grad']:5.1f} = {v['total']:6.1f}  budget "
+    for (variant, op, dtype), v in sorted(totals.items(), key=lambda kv: (OPS.index(kv[0][1]), kv[0][2], kv[0][0])):
+        print(f"{op:14} {dtype:9} {variant:12} {v['pass1']:6.1f} + {v['grad']:5.1f} = {v['total']:6.1f}  budget "
               f"{v['budget']:6.1f}  {'yes' if v['total'] <= v['budget'] else 'NO'}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"instructions_per_byte": INSTR_PER_BYTE,
                        "loops": [{**dataclasses.asdict(lp), "per_element": lp.per_element, "budget": lp.budget}
                                  for lp in loops],
-                       "fused_totals": [{"op": k[0], "dtype": k[1], **v} for k, v in totals.items()]}, f, indent=1)
+                       "fused_totals": [{"variant": k[0], "op": k[1], "dtype": k[2], **v} for k, v in totals.items()]},
+                      f, indent=1)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,10 @@
 //
 // Emulated faithfully: everything between the barriers of a kernel (each thread's pass 1,
 // the merged state, pass 2 with the thread's cached last tile), the launch configuration
-// and the choice of kernel variant, exp's float rounding. Not emulated: the block merge's
-// shuffles and barriers (row_kernels.cu; here the same three steps run sequentially),
-// the memory intrinsics, the launch itself.
+// and the choice of kernel variant (the on-chip path's stage included: a host buffer
+// stands in for the block's shared memory), exp's float rounding. Not emulated: the block
+// merge's shuffles and barriers (row_kernels.cu; here the same three steps run
+// sequentially), the memory intrinsics, the launch itself.
 #include <cstdint>
 #include <vector>
 
@@ -35,20 +36,37 @@ RowState<T> merge_threads(std::vector<RowState<T>>& states) {
   return out;
 }
 
-// row_forward_kernel, one block.
-template <Op op, typename T, Path P>
-void forward(const RowArgs& a, int nthreads) {
+// Overwrites the vectorised part of row p's inputs with NaN: poison_inputs's test that the
+// passes after pass 1 of an on-chip row read nothing of it from memory.
+template <Op op, Path P>
+void poison_vectors(const RowArgs& a, const RowPlan& p) {
+  const RowView* views[3] = {&a.student, &a.teacher, &a.teacher2};
+  for (int k = 0; k < 1 + num_teachers(op); ++k) {
+    char* first = vec_ptr<P>(*views[k], p.off[k] + p.vec_begin);
+    for (int64_t i = 0; i < p.nvec * 16; i += 2) {  // 0xffff: a NaN in every dtype, in halves
+      first[i] = static_cast<char>(0xff);
+      first[i + 1] = static_cast<char>(0xff);
+    }
+  }
+}
+
+// row_forward_kernel, one block. poison_inputs: once pass 1 of a row is over, its inputs'
+// vectors are overwritten with NaN (tests only).
+template <Op op, typename T, Path P, bool kWriteGrad, bool kStaged>
+void forward(const RowArgs& a, int nthreads, int64_t stage_vectors, bool poison_inputs) {
   const Params<T> q = params_of<T>(a);
   T* values = static_cast<T*>(a.values);
   T* stats_out = static_cast<T*>(a.stats);
   std::vector<Tile<op, P>> tiles(nthreads);
   std::vector<RowState<T>> states(nthreads);
+  std::vector<Raw16> stage_memory(kStaged ? stage_vectors * (1 + num_teachers(op)) : 0);
+  const Stage stage{stage_memory.data(), stage_vectors};
   for (int64_t r = 0; r < a.rows; ++r) {
-    const RowPlan p = plan_row<op, P>(a, r, a.write_grad);
+    const RowPlan p = plan_row<op, P>(a, r, kWriteGrad);
     if (row_ignored(a, r)) {
       values[r] = T(0);
       for (int k = 0; k < kNumStats; ++k) stats_out[r * kNumStats + k] = T(0);
-      if (a.write_grad)
+      if (kWriteGrad)
         for (int tid = 0; tid < nthreads; ++tid) thread_zero_grad<P>(a, p, tid, nthreads);
       continue;
     }
@@ -63,8 +81,10 @@ void forward(const RowArgs& a, int nthreads) {
       }
       for (int tid = 0; tid < nthreads; ++tid) states[tid] = thread_sums<op, T, P>(a, p, q, tid, nthreads, tiles[tid], ms, mt);
     } else {
-      for (int tid = 0; tid < nthreads; ++tid) states[tid] = thread_state<op, T, P>(a, p, q, tid, nthreads, tiles[tid]);
+      for (int tid = 0; tid < nthreads; ++tid)
+        states[tid] = thread_state<op, T, P, kStaged>(a, p, q, tid, nthreads, tiles[tid], stage);
     }
+    if (poison_inputs) poison_vectors<op, P>(a, p);
     const RowState<T> st = merge_threads<op, T>(states);
     T stats[kNumStats];
     T value = finish_row<op, T>(p, st, s_label, q, stats);
@@ -73,7 +93,7 @@ void forward(const RowArgs& a, int nthreads) {
       T vsum = T(0), pbsum = T(0);
       for (int tid = 0; tid < nthreads; ++tid) {
         T v, pb;
-        thread_jsd<op, T, P>(a, p, q, tid, nthreads, stats, tiles[tid], true, v, pb);
+        thread_jsd<op, T, P, kStaged>(a, p, q, tid, nthreads, stats, tiles[tid], true, stage, v, pb);
         vsum += v;
         pbsum += pb;
       }
@@ -82,10 +102,10 @@ void forward(const RowArgs& a, int nthreads) {
     }
     values[r] = value;
     for (int k = 0; k < kNumStats; ++k) stats_out[r * kNumStats + k] = stats[k];
-    if (a.write_grad) {
+    if (kWriteGrad) {
       const T g = row_grad_factor<op, T>(p, static_cast<T>(a.grad_scale * a.inv_temperature));
       for (int tid = 0; tid < nthreads; ++tid)
-        thread_grad<op, T, P>(a, p, q, tid, nthreads, g, stats, tiles[tid], tile_cached);
+        thread_grad<op, T, P, kStaged>(a, p, q, tid, nthreads, g, stats, tiles[tid], tile_cached, stage);
     }
   }
 }
@@ -106,7 +126,8 @@ void backward(const RowArgs& a, int nthreads) {
     T stats[kNumStats];
     for (int k = 0; k < kNumStats; ++k) stats[k] = stats_in[r * kNumStats + k];
     const T g = row_grad_factor<op, T>(p, grad_rows[r] * q.inv_temperature);
-    for (int tid = 0; tid < nthreads; ++tid) thread_grad<op, T, P>(a, p, q, tid, nthreads, g, stats, tile, false);
+    for (int tid = 0; tid < nthreads; ++tid)
+      thread_grad<op, T, P, false>(a, p, q, tid, nthreads, g, stats, tile, false, Stage{nullptr, 0});
   }
 }
 
@@ -154,12 +175,18 @@ void ue_args_set_outputs(RowArgs* a, void* values, void* stats, const void* grad
   a->grad_scale = grad_scale;
 }
 
-// The launch configuration the CUDA launcher would choose: returns the block size and
-// writes the variant (path, 1 if float64) to path_f64[0..1]; -1 if it refuses the launch.
-int ue_launch_config(const RowArgs* a, int uses_grad, int* path_f64) {
-  const uc::LaunchConfig c = uc::launch_config(*a, uses_grad != 0);
-  path_f64[0] = static_cast<int>(c.path);
-  path_f64[1] = c.f64 ? 1 : 0;
+// The on-chip stage a block may take with that much shared memory per multiprocessor and
+// per block (row_dispatch.h, stage_limit).
+int64_t ue_stage_limit(int64_t per_sm, int64_t per_block) { return uc::stage_limit(per_sm, per_block); }
+
+// The launch configuration the CUDA launcher would choose for a forward (forward=1) or
+// backward, a block taking at most stage_limit bytes of stage: returns the block size and
+// writes the variant (path, 1 if float64, stage bytes) to out[0..2]; -1 if it refuses.
+int ue_launch_config(const RowArgs* a, int uses_grad, int forward, int64_t stage_limit, int64_t* out) {
+  const uc::LaunchConfig c = uc::launch_config(*a, uses_grad != 0, forward != 0, stage_limit);
+  out[0] = static_cast<int>(c.path);
+  out[1] = c.f64 ? 1 : 0;
+  out[2] = c.stage_bytes;
   return c.error == nullptr ? c.threads : -1;
 }
 
@@ -175,17 +202,31 @@ void ue_plan(const RowArgs* a, int64_t r, int uses_grad, int64_t* out) {
 }
 
 // Runs the forward (forward=1) or backward with `threads` threads per block (0: the
-// launcher's choice). Returns 0, or -1 for a launch the launcher refuses.
-int ue_run(const RowArgs* a, int forward, int threads) {
-  const uc::LaunchConfig c = uc::launch_config(*a, !forward || a->write_grad);
+// launcher's choice) and the launcher's variant for blocks of at most stage_limit bytes
+// of stage (threads > 0: the stage is sized for the launcher's block size, which is at
+// least as many vectors as a row has). poison_inputs: see forward. Returns 0, or -1 for a
+// launch the launcher refuses.
+int ue_run(const RowArgs* a, int forward, int threads, int64_t stage_limit, int poison_inputs) {
+  const uc::LaunchConfig c = uc::launch_config(*a, !forward || a->write_grad, forward != 0, stage_limit);
   if (c.error != nullptr) return -1;
   const int nthreads = threads > 0 ? threads : c.threads;
   uc::dispatch(a->op, c, [&](auto op, auto t, auto path) {
     using T = decltype(t);
     constexpr Op kOp = decltype(op)::value;
     constexpr uc::Path kPath = decltype(path)::value;
-    if (forward) {
-      uc::forward<kOp, T, kPath>(*a, nthreads);
+    const bool poison = poison_inputs != 0;
+    if (forward && c.stage_bytes > 0 && kPath != uc::Path::kScalar) {  // as row_kernels.cu's launch
+      if (a->write_grad) {
+        uc::forward<kOp, T, kPath, true, true>(*a, nthreads, c.stage_vectors, poison);
+      } else {
+        uc::forward<kOp, T, kPath, false, true>(*a, nthreads, c.stage_vectors, poison);
+      }
+    } else if (forward) {
+      if (a->write_grad) {
+        uc::forward<kOp, T, kPath, true, false>(*a, nthreads, 0, poison);
+      } else {
+        uc::forward<kOp, T, kPath, false, false>(*a, nthreads, 0, poison);
+      }
     } else {
       uc::backward<kOp, T, kPath>(*a, nthreads);
     }

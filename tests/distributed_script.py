@@ -2,7 +2,8 @@
 python, or torchrun for several processes). Usage:
 
     distributed_script.py OUTPUT_DIR METHODS GRAD_ACCUM [--head fused|logits] [--fsdp]
-        [--shard-frozen] [--lora-r R] [--merge-lora] [--kill-after STEP] [--resume]
+        [--shard-frozen] [--lora-r R] [--merge-lora] [--kill-after STEP] [--resume] [--steps N]
+        [--eval-every N] [--keep-best]
 
 METHODS: comma-separated, run one after the other, each in OUTPUT_DIR/METHOD. Every process
 watches the tensors each run creates (a TorchDispatchMode over every op, in forward and
@@ -23,7 +24,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tiny_lm import FORGET, RETAIN, collate, trained_llama  # noqa: E402
+from tiny_lm import FORGET, RETAIN, collate, make_tokenizer, trained_llama  # noqa: E402
+
+from unlearn_ext.eval.dynamics import EvalDuringTraining  # noqa: E402
 
 from unlearn_ext.models.lm_head import VERIFY_TOKENS  # noqa: E402
 from unlearn_ext.methods import FusedLinearHead, LogitsHead, Models, freeze, get_method  # noqa: E402
@@ -46,6 +49,8 @@ parser.add_argument("--merge-lora", action="store_true")
 parser.add_argument("--kill-after", type=int, default=0)
 parser.add_argument("--resume", action="store_true")
 parser.add_argument("--steps", type=int, default=3)
+parser.add_argument("--eval-every", type=int, default=0, help="evaluate during training (forget and retain sets)")
+parser.add_argument("--keep-best", action="store_true")
 args = parser.parse_args()
 torch.set_num_threads(1)
 
@@ -93,11 +98,14 @@ for name in args.methods.split(","):  # one launch, several runs: each in OUTPUT
     config = TrainConfig(output_dir=str(out), lr=1e-3 if not args.lora_r else 3e-3, max_steps=args.steps,
                          batch_size=2, grad_accum=args.grad_accum, save_every=1, keep_checkpoints=0,
                          resume=args.resume, progress=False, seed=3, fsdp=args.fsdp, shard_frozen=args.shard_frozen,
-                         lora_r=args.lora_r, merge_lora=args.merge_lora)
+                         lora_r=args.lora_r, merge_lora=args.merge_lora, eval_every=args.eval_every,
+                         keep_best=args.keep_best)
+    evaluator = EvalDuringTraining({"forget": FORGET, "retain": RETAIN}, make_tokenizer(), every=args.eval_every,
+                                   batch_size=3) if args.eval_every else None
     watch = VocabRows()
     with watch:
         train(method, Models(student=student, reference=reference), TrainData(FORGET, RETAIN, collate()), config,
-              callbacks=[kill] if args.kill_after else [])
+              callbacks=[kill] if args.kill_after else [], evaluator=evaluator)
     rank = int(os.environ.get("RANK", "0"))
     # The most rows a fused run may hold: a chunk, or the one short sequence whose logits
     # lm_head_inputs compares with the model's once.

@@ -59,8 +59,10 @@ def lib(tmp_path_factory):
     lib.ue_args_set.argtypes = [ptr, i32, i64, i64, ptr, i64, ctypes.POINTER(f64)]
     lib.ue_args_set_view.argtypes = [ptr, i32, ptr, i32, i64, i64, i64]
     lib.ue_args_set_outputs.argtypes = [ptr, ptr, ptr, ptr, i32, f64]
-    lib.ue_launch_config.argtypes = [ptr, i32, ctypes.POINTER(i32)]
-    lib.ue_run.argtypes = [ptr, i32, i32]
+    lib.ue_launch_config.argtypes = [ptr, i32, i32, i64, ctypes.POINTER(i64)]
+    lib.ue_stage_limit.argtypes = [i64, i64]
+    lib.ue_stage_limit.restype = i64
+    lib.ue_run.argtypes = [ptr, i32, i32, i64, i32]
     lib.ue_plan.argtypes = [ptr, i64, i32, ctypes.POINTER(i64)]
     return lib
 
@@ -110,11 +112,20 @@ class Args:
         self.lib.ue_args_free(self.ptr)
 
 
-class EmulatedKernels:
-    """The kernel-object interface of unlearn_ext._backends (TorchOpKernels) over the emulator."""
+# The stage a block may take on an H200 (sm_90: 228 KB of shared memory per multiprocessor,
+# 227 KB per block at most), as the launcher reads it off the device.
+H200_STAGE = 233_472 // 2 - 1024 - 1280
 
-    def __init__(self, lib, fuses_grad: bool, threads: int = 0):
+
+class EmulatedKernels:
+    """The kernel-object interface of unlearn_ext._backends (TorchOpKernels) over the emulator.
+    stage_limit: the on-chip stage a block may take (the H200's by default; 0: never staged).
+    poison: inputs' vectors overwritten with NaN after each row's pass 1 (see cuda_emulator.cpp)."""
+
+    def __init__(self, lib, fuses_grad: bool, threads: int = 0, stage_limit: int = H200_STAGE,
+                 poison: bool = False):
         self.lib, self.name, self.fuses_grad, self.threads = lib, NAME, fuses_grad, threads
+        self.stage_limit, self.poison = stage_limit, poison
 
     def _args(self, op, logits, teacher, teacher2, labels, p):
         return Args(self.lib, op, logits, teacher, teacher2, labels, p.ignore_index, params=p)
@@ -126,7 +137,7 @@ class EmulatedKernels:
         if grad is not None:
             a.set_view(3, grad)
         a.set_outputs(values, stats, write_grad=grad is not None, grad_scale=grad_scale)
-        assert self.lib.ue_run(a.ptr, 1, self.threads) == 0
+        assert self.lib.ue_run(a.ptr, 1, self.threads, self.stage_limit, int(self.poison)) == 0
         return values, stats
 
     def forward_with_grad(self, op, logits, teacher, teacher2, labels, p, grad, grad_scale):
@@ -136,16 +147,17 @@ class EmulatedKernels:
         a = self._args(op, logits, teacher, teacher2, labels, p)
         a.set_view(3, grad)
         a.set_outputs(stats=stats, grad_rows=grad_rows)
-        assert self.lib.ue_run(a.ptr, 0, self.threads) == 0
+        assert self.lib.ue_run(a.ptr, 0, self.threads, 0, 0) == 0
 
 
 @pytest.fixture
 def emulate(lib, monkeypatch):
-    """emulate(fuses_grad, threads) makes backend=NAME run the emulated CUDA kernels."""
+    """emulate(fuses_grad, threads, stage_limit, poison) makes backend=NAME run the emulated
+    CUDA kernels."""
     real_resolve, real_kernels = _row_loss.resolve, _row_loss._kernels
 
-    def use(fuses_grad=True, threads=0):
-        k = EmulatedKernels(lib, fuses_grad, threads)
+    def use(fuses_grad=True, threads=0, stage_limit=H200_STAGE, poison=False):
+        k = EmulatedKernels(lib, fuses_grad, threads, stage_limit, poison)
         monkeypatch.setattr(_row_loss, "resolve", lambda b, d: k if b == NAME else real_resolve(b, d))
         monkeypatch.setattr(_row_loss, "_kernels", lambda n: k if n == NAME else real_kernels(n))
         return (NAME, "cpu")
@@ -173,12 +185,49 @@ def test_matches_reference(emulate, op, shape, dtype, mode, seed):
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("threads", [32, 64])
 @pytest.mark.parametrize("vocab", [1271, 4099])
-def test_many_tiles_per_row(emulate, op, threads, vocab, seed):
+@pytest.mark.parametrize("path", ["on_chip", "l2"])
+def test_many_tiles_per_row(emulate, op, threads, vocab, path, seed):
     """Few threads: rows span several tiles, so pass 2 walks them in reverse and reuses the
-    cached one; the unroll leaves partial tiles."""
-    backend = emulate(fuses_grad=True, threads=threads)
+    cached one; the unroll leaves partial tiles. on_chip: pass 1 stages the row and pass 2
+    reads it from the stage; l2: no stage, pass 2 re-reads the row."""
+    backend = emulate(fuses_grad=True, threads=threads, stage_limit=H200_STAGE if path == "on_chip" else 0)
     check_against_reference(SPECS[op], backend, (6, vocab), torch.bfloat16, "mean")
     check_against_reference(SPECS[op], backend, (6, vocab), torch.float32, "sum")
+
+
+@pytest.mark.parametrize("op", KERNEL_OPS)
+@pytest.mark.parametrize("vocab", ["on_chip", "l2"])
+def test_launcher_blocks_on_either_side_of_the_stage(emulate, op, vocab, seed):
+    """The launcher's own block size (512 threads) on the vocabularies of
+    tests/test_cuda_kernels.py's on-chip and L2 cases (the first GPU stage runs those)."""
+    spec = SPECS[op]
+    v = {"on_chip": {0: 24001, 1: 12001, 2: 9001}, "l2": {0: 60001, 1: 30001, 2: 20001}}[vocab][spec.teachers]
+    check_against_reference(spec, emulate(fuses_grad=True), (3, v), torch.bfloat16, "mean")
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("layout", ["aligned", "misaligned_base"])
+def test_on_chip_rows_are_not_reread_from_memory(emulate, op, layout, seed):
+    """The on-chip path's promise: once pass 1 of a row is over, the passes after it (the
+    gradient, JSD's second sum) read nothing of its vectors from memory. The emulator
+    overwrites them with NaN after pass 1: values and gradients must still match the
+    reference (computed on a copy). The same rows without a stage re-read them: NaN shows
+    up, so the check can fail."""
+    spec = SPECS[op]
+    logits, teachers, labels = make_inputs(spec, (4, 3002), torch.bfloat16, "cpu", ignore_frac=0.0)
+    view = (lambda x: x[:, 1:]) if layout == "misaligned_base" else (lambda x: x[:, :-1])  # noqa: E731
+    v, tv, labels = view(logits), [view(t) for t in teachers], labels % 3001
+    ref_out, ref_grad = run(lambda *a, **k: spec(*a, backend="torch", **k), v.double(), [t.double() for t in tv],
+                            labels, "mean", None)
+    for staged in (True, False):
+        backend = emulate(fuses_grad=True, threads=32, stage_limit=H200_STAGE if staged else 0, poison=True)
+        out, grad = run(lambda *a, **k: spec(*a, backend=backend[0], **k), v.clone(), [t.clone() for t in tv],
+                        labels, "mean", None)
+        if staged:
+            assert_elementwise(out, ref_out, torch.float32, "value", atol=1e-5)
+            assert_elementwise(grad, ref_grad, torch.bfloat16, "gradient", atol=1e-6)
+        else:
+            assert not torch.isfinite(grad).all(), "without a stage pass 2 re-reads the (poisoned) row"
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -302,9 +351,9 @@ def test_invalid_label_gives_nan_not_a_read(lib, op, forward):
     a.set_view(3, grad)
     a.set_outputs(values, stats, grad_rows=torch.ones(3), write_grad=forward)
     if not forward:
-        assert lib.ue_run(a.ptr, 1, 0) == 0  # stats first
+        assert lib.ue_run(a.ptr, 1, 0, 0, 0) == 0  # stats first
         a.set_outputs(values, stats, grad_rows=torch.ones(3))
-    assert lib.ue_run(a.ptr, int(forward), 0) == 0
+    assert lib.ue_run(a.ptr, int(forward), 0, H200_STAGE, 0) == 0
     if forward:
         assert torch.isfinite(values[0]) and torch.isnan(values[1:]).all()
     assert torch.isfinite(grad[0]).all() and torch.isnan(grad[1:]).all()
@@ -312,22 +361,23 @@ def test_invalid_label_gives_nan_not_a_read(lib, op, forward):
 
 # ---- the launcher's host-side choices -----------------------------------------------------
 
-def _config(lib, op, logits, teachers=(), uses_grad=True, grad=None):
+def _config(lib, op, logits, teachers=(), uses_grad=True, grad=None, forward=True, stage_limit=0):
     a = Args(lib, op, logits, *teachers, *([None] * (2 - len(teachers))), labels=None)
     a.set_view(3, logits if grad is None else grad)
-    out = (ctypes.c_int * 2)()
-    threads = lib.ue_launch_config(a.ptr, int(uses_grad), out)
-    return threads, PATHS[out[0]], bool(out[1])
+    out = (ctypes.c_int64 * 3)()
+    threads = lib.ue_launch_config(a.ptr, int(uses_grad), int(forward), stage_limit, out)
+    return (threads, PATHS[out[0]], bool(out[1])) + ((out[2],) if stage_limit else ())
 
 
 def test_launch_config_paths_and_block_sizes(lib):
     bf = lambda *s: torch.empty(*s, dtype=torch.bfloat16)  # noqa: E731
+    # at most 512 threads: two rows stream per multiprocessor at every vocabulary size
     assert _config(lib, "cross_entropy", bf(4, 32000)) == (512, "bfloat16", False)
-    assert _config(lib, "cross_entropy", bf(4, 128256)) == (1024, "bfloat16", False)
-    assert _config(lib, "cross_entropy", bf(4, 262144)) == (1024, "bfloat16", False)
+    assert _config(lib, "cross_entropy", bf(4, 128256)) == (512, "bfloat16", False)
+    assert _config(lib, "cross_entropy", bf(4, 262144)) == (512, "bfloat16", False)
     assert _config(lib, "cross_entropy", torch.empty(4, 7)) == (32, "float32", False)
     assert _config(lib, "reverse_kl", bf(4, 32000), [bf(4, 32000)]) == (512, "bfloat16", False)
-    assert _config(lib, "rkld", bf(4, 32000), [bf(4, 32000)] * 2) == (1024, "bfloat16", False)
+    assert _config(lib, "rkld", bf(4, 32000), [bf(4, 32000)] * 2) == (512, "bfloat16", False)
     assert _config(lib, "forward_kl", torch.empty(4, 1000, dtype=torch.float16),
                    [torch.empty(4, 1000, dtype=torch.float16)]) == (64, "float16", False)
     # mixed dtypes and float64 go element by element
@@ -335,6 +385,28 @@ def test_launch_config_paths_and_block_sizes(lib):
     assert _config(lib, "cross_entropy", torch.empty(4, 100, dtype=torch.float64))[1:] == ("scalar", True)
     # a forward without gradient ignores the grad view
     assert _config(lib, "cross_entropy", bf(4, 64), uses_grad=False, grad=torch.empty(4, 64))[1] == "bfloat16"
+
+
+def test_stage_limit_and_which_rows_go_on_chip(lib):
+    """The stage one block may take: two blocks per multiprocessor (row_dispatch.h,
+    stage_limit): 112 KB on sm_90 (228 KB per SM), 80 KB on sm_80 (164 KB). The rows that
+    take the on-chip path: a forward with a gradient or JSD, every input's vectors within it."""
+    assert lib.ue_stage_limit(233472, 232448) == H200_STAGE == 114432
+    assert lib.ue_stage_limit(167936, 166912) == 81664
+    bf = lambda *s: torch.empty(*s, dtype=torch.bfloat16)  # noqa: E731
+    on_chip = lambda *a, **k: _config(lib, *a, stage_limit=H200_STAGE, **k)[3]  # noqa: E731
+    assert on_chip("cross_entropy", bf(4, 49152)) == 49152 * 2  # SmolLM2's vocabulary
+    assert on_chip("cross_entropy", bf(4, 57216)) == 57216 * 2  # the longest bf16 row of one input
+    assert on_chip("cross_entropy", bf(4, 57224)) == 0
+    assert on_chip("cross_entropy", torch.empty(4, 28608)) == 28608 * 4
+    assert on_chip("reverse_kl", bf(4, 28608), [bf(4, 28608)]) == 2 * 28608 * 2
+    assert on_chip("reverse_kl", bf(4, 32000), [bf(4, 32000)]) == 0  # two inputs of 64 KB: L2
+    assert on_chip("rkld", bf(4, 16000), [bf(4, 16000)] * 2) == 3 * 16000 * 2
+    assert on_chip("cross_entropy", bf(4, 128256)) == 0
+    assert on_chip("cross_entropy", bf(4, 32000), uses_grad=False) == 0  # no second pass
+    assert on_chip("jsd", bf(4, 16000), [bf(4, 16000)], uses_grad=False) == 2 * 16000 * 2
+    assert on_chip("cross_entropy", bf(4, 32000), forward=False) == 0  # the backward reads once
+    assert on_chip("cross_entropy", torch.empty(4, 1000, dtype=torch.float64)) == 0  # no vectors
 
 
 def _plan(lib, op, logits, teachers=(), grad=None, row=0):

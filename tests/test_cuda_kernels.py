@@ -1,5 +1,6 @@
 """The CUDA kernels on a GPU, beyond the shared suite (which runs them as the ("cuda",
-"cuda") backend): long rows that span many tiles with the fused gradient, offsets past
+"cuda") backend): long rows that span many tiles with the fused gradient, rows on either
+side of the on-chip stage, offsets past
 2^31 elements, in-place gradients over shifted views, float64 and mixed dtypes,
 torch.compile, CUDA graphs, side streams and other devices. Skipped without a GPU."""
 from __future__ import annotations
@@ -37,6 +38,28 @@ def test_long_rows(spec, vocab, reduction, seed):
     """Rows of many tiles: online states per thread, the block merge, pass 2 in reverse
     from L2 (fused: mean) or the backward kernel (none)."""
     check_against_reference(spec, BACKEND, (6, vocab), torch.bfloat16, reduction)
+
+
+JSD = OpSpec("jsd", teachers=1, labels_required=False, params={"beta": 0.3})
+# Vocabularies on either side of the on-chip stage (csrc/cuda/row_dispatch.h: a block's
+# share of shared memory, 114432 bytes on sm_90, 81664 on sm_80, holds every input's bf16
+# row) and past one tile of registers (512 threads x 32 / 16 / 8 elements for one / two /
+# three inputs), so that the fused forward's pass 2 reads the stage, or L2.
+ON_CHIP_VOCAB = {0: 24001, 1: 12001, 2: 9001}  # by teacher count: 48 / 48 / 54 KB of bf16 rows
+L2_VOCAB = {0: 60001, 1: 30001, 2: 20001}  # 120 / 120 / 120 KB: past the stage on sm_80 and sm_90
+
+
+@pytest.mark.parametrize("spec", SPECS + [JSD], ids=lambda s: s.name)
+@pytest.mark.parametrize("path", ["on_chip", "l2"])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_on_chip_and_l2_rows(spec, path, reduction, seed):
+    """Rows that the fused forward keeps in shared memory between its passes, and rows that
+    it re-reads from L2 (reduction mean: the fused forward; none: the forward, and the
+    backward kernel, and JSD's second sum from the stage or L2)."""
+    vocab = (ON_CHIP_VOCAB if path == "on_chip" else L2_VOCAB)[spec.teachers]
+    check_against_reference(spec, BACKEND, (6, vocab), torch.bfloat16, reduction)
+    if spec.teachers == 0:  # float32: twice the bytes, half the elements on chip
+        check_against_reference(spec, BACKEND, (6, vocab // 2), torch.float32, reduction)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)

@@ -104,3 +104,47 @@ def test_gradients_left_on_the_model_do_not_join_the_first_step():
     clean, stale = trained(False).state_dict(), trained(True).state_dict()
     for name in clean:
         assert torch.equal(clean[name], stale[name]), name
+
+
+def evaluations(out):
+    return [json.loads(line) for line in (Path(out) / "eval.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def one_process_evaluated(tmp_path_factory):
+    return finished(tmp_path_factory.mktemp("one_eval"), "npo", 2, "--eval-every", "1", "--keep-best")
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_evaluation_during_training_and_keep_best_under_two_processes(fsdp, one_process_evaluated, tmp_path):
+    """--eval-every / --keep-best with 2 processes: every rank evaluates (under FSDP the
+    root unit gathered, the layers gathering per forward, step 0 before any training
+    forward included), no hang, and the evaluations and the best model equal one process
+    with grad_accum = 2."""
+    finished(tmp_path, "npo", 1, "--eval-every", "1", "--keep-best", *(["--fsdp"] if fsdp else []), nproc=2)
+    got, want = evaluations(tmp_path / "npo"), evaluations(one_process_evaluated / "npo")
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [0, 1, 2, 3]
+    for g, w in zip(got, want):
+        for key in ("forget_prob", "retain_prob"):
+            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-7), (g["step"], key)
+    assert_same_run(tmp_path / "npo", one_process_evaluated / "npo")
+    best, best_want = (load_file(str(Path(o) / "npo/best/model.safetensors"))
+                       for o in (tmp_path, one_process_evaluated))
+    assert best.keys() == best_want.keys()
+    for name in best:
+        torch.testing.assert_close(best[name], best_want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_rkld_with_lora_under_ddp_equals_one_process(tmp_path):
+    """RKLD's augmented model as a second adapter, fine-tuned in the same DDP run (the
+    student wrapped twice: for the augmented adapter, then for its own): losses and final
+    adapters equal one process with grad_accum = 2."""
+    one = finished(tmp_path / "one", "rkld", 2, "--lora-r", "4")
+    two = finished(tmp_path / "two", "rkld", 1, "--lora-r", "4", nproc=2)
+    torch.testing.assert_close(torch.tensor(losses(two / "rkld")), torch.tensor(losses(one / "rkld")),
+                               rtol=1e-5, atol=1e-6)
+    want, got = (load_file(str(o / "rkld/adapter/adapter_model.safetensors")) for o in (one, two))
+    assert want.keys() == got.keys() and len(want) > 0 and not any("augmented" in k for k in want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert max(float(v.abs().max()) for k, v in want.items() if "lora_B" in k) > 0

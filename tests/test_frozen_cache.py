@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 from tiny_lm import FORGET, RETAIN, collate, one_thread, perturbed, trained_llama  # noqa: F401
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from unlearn_ext import cli
 from unlearn_ext.methods import NPO, NPOKL, RKLD, FusedLinearHead, GradDiff, LogitsHead, Models, PrepareData, SimNPO
@@ -188,3 +189,148 @@ def test_sharded_or_trainable_frozen_models_are_not_cached():
     method = _method(UnDIAL, "fused", {})
     method.models.reference.requires_grad_(True)
     assert _start(method)[0] is None
+
+
+class _Offloads:
+    """What the cache does with complete frozen bodies on a GPU, recorded on the CPU (where
+    they stay): each offload marks the body off the device, each return clears it."""
+
+    def __init__(self, monkeypatch):
+        from unlearn_ext.methods.cache import FrozenCache
+        self.caches, self.back = [], []
+        offload, on_device = FrozenCache._offload_if_complete, FrozenCache._on_device
+        record = self
+
+        def fake_offload(cache, name):
+            offload(cache, name)  # the real decision (a no-op move on the CPU)
+            if not cache.recording and name not in cache.offloaded and cache._complete(name):
+                cache.offloaded[name] = 1
+                record.caches.append(cache)
+
+        def spy_on_device(cache, name):
+            if name in cache.offloaded:
+                record.back.append(name)
+            on_device(cache, name)
+
+        monkeypatch.setattr(FrozenCache, "_offload_if_complete", fake_offload)
+        monkeypatch.setattr(FrozenCache, "_on_device", spy_on_device)
+
+
+@pytest.mark.parametrize("when", ["step", "fill"])
+def test_a_crash_mid_run_brings_the_frozen_bodies_back(monkeypatch, when):
+    """A run that fails (here: an error raised after step 1, or while the cache fills)
+    returns the frozen bodies it moved off the device and detaches the cache."""
+    offloads = _Offloads(monkeypatch)
+    method = _method(RKLD, "fused", CASES["rkld_kl"][1] | {"retain_weight": 0.0})
+
+    def crash(step, record):
+        raise RuntimeError("crash mid-run")
+
+    if when == "fill":
+        from unlearn_ext.methods.cache import FrozenCache
+        fill = FrozenCache.fill
+
+        def failing_fill(cache, head, parts):
+            fill(cache, head, parts)
+            for name in cache.frozen:  # every body is complete: off the device, then the failure
+                cache._offload_if_complete(name)
+            raise RuntimeError("crash while filling")
+        monkeypatch.setattr(FrozenCache, "fill", failing_fill)
+    config = TrainConfig(lr=1e-3, max_steps=3, batch_size=4, progress=False, cache_frozen="memory")
+    with pytest.raises(RuntimeError, match="crash"):
+        train(method, method.models, DATA, config, callbacks=[crash])
+    assert {n for c in offloads.caches for n in c.offloaded} == set()
+    assert sorted(offloads.back) == ["augmented", "reference"]
+    assert method.frozen_cache is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the frozen bodies leave a GPU (on a CPU they stay)")
+def test_a_crash_mid_run_brings_the_frozen_bodies_back_to_the_gpu():
+    method = _method(UnDIAL, "fused", {})
+    for m in (method.models.student, method.models.reference):
+        m.cuda()
+
+    def crash(step, record):
+        assert method.models.reference.model.layers[0].mlp.up_proj.weight.device.type == "cpu"  # off during the run
+        raise RuntimeError("crash mid-run")
+    config = TrainConfig(lr=1e-3, max_steps=3, batch_size=4, progress=False, cache_frozen="memory", bf16=False)
+    with pytest.raises(RuntimeError, match="crash mid-run"):
+        train(method, method.models, DATA, config, callbacks=[crash])
+    assert method.models.reference.model.layers[0].mlp.up_proj.weight.device.type == "cuda"
+
+
+class _DeviceOnly(TorchDispatchMode):
+    """Fails an op that syncs with the host or reads a host tensor other than ``allowed``
+    (the example ids the trainer keeps on the host), while the data is on ``meta``: no
+    value can be read, as on a GPU where each read would be a synchronisation."""
+    SYNCING = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default",
+               "aten.item.default", "aten.equal.default", "aten.is_nonzero.default"}
+
+    def __init__(self, allowed):
+        super().__init__()
+        self.allowed = allowed
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_leaves
+        if str(func) in self.SYNCING:
+            raise AssertionError(f"host synchronisation: {func}")
+        if str(func).startswith(("aten.index.", "aten.index_put")) and any(
+                isinstance(x, torch.Tensor) and x.dtype == torch.bool for x in tree_leaves(args[1])):
+            raise AssertionError(f"{func} with a boolean mask: a nonzero (host synchronisation) on a GPU")
+        for x in tree_leaves((args, kwargs or {})):
+            if isinstance(x, torch.Tensor) and x.device.type == "cpu" and x is not self.allowed:
+                raise AssertionError(f"{func} reads a host tensor {tuple(x.shape)}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind", ["hidden", "logprob"])
+def test_a_cache_hit_reads_nothing_on_the_host(kind):
+    """A lookup that the cache serves (the hidden states rebuilt, the token check) runs on
+    meta tensors without a host read or synchronisation: the GPU path is sync-free."""
+    from unlearn_ext.methods.cache import FrozenCache, _RowTable
+    H, T, meta = 8, 6, torch.device("meta")
+    reference = torch.nn.Linear(2, 2)  # stands for a frozen model: only its identity is read
+    cache = FrozenCache({"reference": reference}, torch.nn.Linear(2, 2), meta, num_forget=4)
+    cache.recording = False
+    cache.uses = {("reference", kind, "forget")}
+    cache.to_come = {"forget": [0, 1]}
+    counts = {0: 3, 1: 2}  # answer rows of each example
+    for i, n in counts.items():
+        cache.tokens[i] = (torch.empty(n + 2, dtype=torch.long, device=meta),) * 2
+    if kind == "hidden":
+        table = _RowTable(counts, H, torch.float32, meta, None)
+        table.filled = {0, 1}
+        cache.rows["reference"] = table
+        cache.heads["reference"] = (torch.empty(11, H, device=meta), None, None)
+    else:
+        cache.values["reference"] = {0: torch.empty((), device=meta), 1: torch.empty((), device=meta)}
+    ids = torch.tensor([0, 1])
+    part = {"input_ids": torch.empty(2, T, dtype=torch.long, device=meta),
+            "attention_mask": torch.empty(2, T, dtype=torch.long, device=meta),
+            "labels": torch.empty(2, T, dtype=torch.long, device=meta), "example_id": ids}
+    with _DeviceOnly(ids):
+        if kind == "hidden":
+            out = cache.outputs(FusedLinearHead(), reference, part)
+            assert out.hidden.shape == (2, T, H) and out.hidden.device.type == "meta"
+        else:
+            assert cache.logprob(FusedLinearHead(), reference, part).shape == (2,)
+    assert cache.served["reference", kind] == 2 and cache._mismatch is not None  # the verdict waits on the device
+
+
+def test_the_token_check_catches_a_part_with_other_tokens_under_either_padding():
+    """The device-side token check: the trainer's own parts pass (right padding, and the
+    same examples left-padded), a part whose tokens differ from its ids' fails."""
+    method = _method(UnDIAL, "fused", {})
+    cache, plan = _start(method)
+    ids = plan.examples(0, 0, 0)
+    part = _part(DATA, ids)
+    method.loss({"forget": part})
+    shift = {k: v.clone() for k, v in part.items()}
+    for key in ("input_ids", "attention_mask", "labels"):  # each row left-padded instead
+        for b in range(len(ids)):
+            n = int(part["attention_mask"][b].sum())
+            shift[key][b] = torch.roll(part[key][b], part[key].shape[1] - n)
+    cache._check_tokens(shift, ids)
+    wrong = {**part, "example_id": part["example_id"].flip(0)}
+    with pytest.raises(ValueError, match="do not hold the tokens"):
+        method.loss({"forget": wrong})

@@ -204,3 +204,25 @@ def test_lora_options_from_yaml_and_flags(tmp_path):
     with pytest.raises(cli.CLIError, match="lora-targets"):
         cli.resolve("unlearn", cli.UNLEARN_OPTS, {"lora_targets": " , ", "method": "npo", "forget": "f",
                                                   "model": "m", "output": "o"})
+
+
+def test_train_layers_with_lora_puts_adapters_only_in_those_blocks(tmp_path):
+    """--train-layers top:1 with --lora-r: adapters in the top block only (the other block,
+    the embeddings and the head unchanged and adapter-free), and PEFT reloads them."""
+    from peft import PeftModel
+    model = trained_llama()
+    before = base_weights(model)
+    trained = train(get_method("npo")(head=FusedLinearHead()), Models(student=model),
+                    TrainData(FORGET, RETAIN, collate()), lora_config(train_layers="top:1", output_dir=str(tmp_path)))
+    adapted = {n.split(".lora_")[0] for n, _ in trained.named_parameters() if ".lora_" in n}
+    assert adapted and all(n.startswith("model.layers.1.") for n in adapted)
+    assert len(adapted) == len(lora.DEFAULT_TARGETS)
+    assert all(p.requires_grad == (".lora_" in n) for n, p in trained.named_parameters())
+    after = base_weights(trained)
+    for key in before:
+        assert torch.equal(after[key], before[key]), key
+    assert answer_nll(trained, FORGET) > answer_nll(trained_llama(), FORGET) + 1e-3
+    part = method_batch()["forget"]
+    with torch.no_grad():
+        reloaded = PeftModel.from_pretrained(trained_llama(), tmp_path / "adapter").eval()
+        torch.testing.assert_close(reloaded(**part).logits, trained.eval()(**part).logits, rtol=1e-5, atol=1e-5)

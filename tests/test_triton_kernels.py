@@ -2,9 +2,11 @@
 every op on it: on CUDA, or under TRITON_INTERPRET=1 in the second pytest run of
 `make test`):
 
-- every kernel compiles for an H100 (sm_90) with the shipped block table, without
-  register spills and with 64-bit row offsets: no GPU needed, so a kernel that only the
-  interpreter accepts cannot land;
+- every kernel compiles for an H100 (sm_90) and an A100 (sm_80) with that device's block
+  table, without register spills and with 64-bit row offsets, in the variant that aligned
+  tensors run; the forward's row loop has no barrier or shuffle (per-lane maxima) and
+  issues the next block's loads while it computes the current one: no GPU needed, so a
+  kernel that only the interpreter accepts cannot land;
 - the backend says why it cannot run (no GPU, no interpreter), refuses float64, reads
   mixed student/teacher dtypes, and turns a label it should never see into NaN, never
   into an out-of-bounds read.
@@ -52,23 +54,28 @@ TRITON = [pytest.param(p, id=f"{p[0]}-{p[1]}") for p in KERNEL_BACKEND_DEVICES i
                                               "in its second, TRITON_INTERPRET=1 pass"))]
 
 
-# ---- compiled for an H100, without a GPU ------------------------------------------------------
-H100 = 9  # compute capability major
+# ---- compiled for an H100 and an A100, without a GPU ------------------------------------------
+H100, A100 = (9, 0), (8, 0)  # compute capabilities
 VOCAB = 131072
 
 
 # What Triton's launcher marks divisible by 16 (tt.divisibility) when the tensors are
 # aligned, as contiguous [N, V] tensors from the allocator with V a multiple of 16 are:
-# every pointer, each tensor's strides (0 counts: a 2-D tensor's outer one), and V.
-ALIGNED = ("S", "T", "T2", "G", "LABELS", "VALUES", "STATS", "GRAD_ROWS", "s_inner", "t_inner", "t2_inner", "g_inner",
-           "s_outer", "t_outer", "t2_outer", "g_outer",
-           "V")
+# every pointer (GRAD_SCALE too: a one-element tensor from the allocator), each tensor's
+# strides (0 counts: a 2-D tensor's outer one), and V.
+ALIGNED = ("S", "T", "T2", "G", "LABELS", "VALUES", "STATS", "GRAD_ROWS", "GRAD_SCALE", "s_inner", "t_inner",
+           "t2_inner", "g_inner", "s_outer", "t_outer", "t2_outer", "g_outer", "V")
 
 
-def _compile(kernel, constexprs, num_warps, aligned):
-    """The kernel compiled for sm_90: bf16 student and gradient, float32 teachers (mixed
-    dtypes), int32 scalars as Triton passes them; `aligned`: the variant that aligned
-    tensors run (ALIGNED divisible by 16), else the one that any tensor may run."""
+_COMPILED = {}  # one compile per variant per process: the SASS test reuses the spill test's
+
+
+def _compile(kernel, constexprs, num_warps, aligned, capability=H100):
+    """The kernel compiled for that GPU (sm_90 by default): bf16 student and gradient,
+    float32 teachers (mixed dtypes), int32 scalars as Triton passes them; `aligned`: the
+    variant that aligned tensors run (ALIGNED divisible by 16), else the one that any
+    tensor may run. constexprs must name every constexpr the launcher passes (SOFTCAP
+    too: one left out would be compiled as a run-time argument, another variant)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -80,35 +87,93 @@ def _compile(kernel, constexprs, num_warps, aligned):
                  for name in kernel.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
              if aligned and name in ALIGNED and name not in constexprs}
-    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": num_warps, "enable_fp_fusion": True})
+    missing = [n for n in ("OP", "HAS_LABELS", "NEEDS_LABEL", "SOFTCAP", "BLOCK") if n not in constexprs]
+    assert not missing, f"constexprs the launcher passes, missing: {missing}"
+    arch = capability[0] * 10 + capability[1]
+    key = (kernel.__name__, tuple(sorted(constexprs.items())), num_warps, aligned, arch)
+    if key not in _COMPILED:
+        _COMPILED[key] = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
+                                        target=GPUTarget("cuda", arch, 32),
+                                        options={"num_warps": num_warps, "enable_fp_fusion": True})
+    return _COMPILED[key]
+
+
+def _tool(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
 def _local_memory_bytes(cubin: bytes) -> int:
     """Bytes of local memory (register spills) per thread, as cuobjdump reports them."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        out = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
     found = re.findall(r"LOCAL:(\d+)", out)
     assert found, f"cuobjdump printed no resource usage: {out!r}"
     return max(int(x) for x in found)
 
 
+def _sass_loops(cubin: bytes) -> list[list[str]]:
+    """The instructions of each loop (a backward branch's target to the branch) of the
+    cubin's SASS, in program order."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([_tool("nvdisasm"), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    instrs, labels, loops = [], {}, []
+    for line in sass.splitlines():
+        if m := re.match(r"^\s*(\.L_x_\d+):", line):
+            labels[m.group(1)] = len(instrs)
+        elif m := re.match(r"^\s*/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line):
+            instrs.append(m.group(1))
+            if (b := re.search(r"\bBRA\S*\s+`?\(?(\.L_x_\d+)", m.group(1))) and labels.get(b.group(1), 1 << 30) < len(instrs):
+                loops.append(instrs[labels[b.group(1)]:])
+    return loops
+
+
+def _load_distances(loop: list[str]) -> list[int]:
+    """For each 16-byte global load of a loop: instructions from its issue to the first that
+    reads its destination registers, going round the loop (the next iteration's use)."""
+    out = []
+    for k, text in enumerate(loop):
+        m = re.match(r"(?:@!?P\d+\s+)?LDG\S*\.128\s+R(\d+),", text)
+        if not m:
+            continue
+        regs = [f"R{int(m.group(1)) + j}" for j in range(4)]
+        for d in range(1, len(loop) + 1):
+            sources = loop[(k + d) % len(loop)].split(",", 1)[1:]
+            if sources and any(re.search(rf"\b{r}\b", sources[0]) for r in regs):
+                out.append(d)
+                break
+    return out
+
+
+# A load issued two blocks ahead is first read at least this many instructions later
+# (74-513 in sm_90 SASS; the register moves of the rotation count as reads); one block
+# ahead, the compiler issued them late in the block's math (24-218); a load issued where
+# it is used is read within a few (the gradient loops: 11-26).
+PREFETCH_DISTANCE = 64
+
+
 @pytest.mark.skipif(INTERPRETED, reason="TRITON_INTERPRET=1: the kernels are interpreted, there is nothing to compile")
-@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
+@pytest.mark.parametrize("capability,aligned", [(H100, True), (H100, False), (A100, True)],
+                         ids=["sm_90-aligned", "sm_90-unaligned", "sm_80-aligned"])
 @pytest.mark.parametrize("op", OPS)
-def test_kernels_compile_for_h100_without_spills(op, aligned):
-    common = dict(OP=OP_CODES[op], HAS_LABELS=True, NEEDS_LABEL=op in NEEDS_LABEL)
-    block, warps = gpu_config("forward", op, VOCAB, H100)
-    bblock, bwarps = gpu_config("backward", op, VOCAB, H100)
+def test_kernels_compile_without_spills(op, aligned, capability):
+    """Every kernel of the op in the variants the launcher runs (the softcap's on sm_90's
+    aligned variant only: compiles are the cost of this test, minutes on 2 cores)."""
+    common = dict(OP=OP_CODES[op], HAS_LABELS=True, NEEDS_LABEL=op in NEEDS_LABEL, SOFTCAP=False)
+    block, warps = gpu_config("forward", op, VOCAB, capability)
+    bblock, bwarps = gpu_config("backward", op, VOCAB, capability)
     assert block < VOCAB and bblock < VOCAB, "a whole-row block spills registers on large vocabularies"
     launches = [(row_forward_kernel, dict(common, WRITE_GRAD=False, BLOCK=block), warps),
                 (row_forward_kernel, dict(common, WRITE_GRAD=True, BLOCK=block), warps),
                 (row_backward_kernel, dict(common, BLOCK=bblock), bwarps)]
+    if capability == H100 and aligned:
+        launches.append((row_forward_kernel, dict(common, WRITE_GRAD=True, SOFTCAP=True, BLOCK=block), warps))
     for kernel, constexprs, num_warps in launches:
-        compiled = _compile(kernel, constexprs, num_warps, aligned)
+        compiled = _compile(kernel, constexprs, num_warps, aligned, capability)
         what = f"{kernel.__name__} {constexprs}"
         assert _local_memory_bytes(compiled.asm["cubin"]) == 0, f"{what} spills registers"
         # Row r starts at a 64-bit offset from each input's base (N * V may exceed 2^31).
@@ -120,6 +185,24 @@ def test_kernels_compile_for_h100_without_spills(op, aligned):
             assert offsets and set(offsets) == {"i64"}, f"{what}: row offsets of {base} are {offsets}, not i64"
         if aligned:  # the hint reached the code: the student's blocks load as 16-byte vectors
             assert re.search(r"ld\.global(\.\w+)*\.v4\.b32", compiled.asm["ptx"]), f"{what}: no 16-byte loads"
+
+
+@pytest.mark.skipif(INTERPRETED, reason="TRITON_INTERPRET=1: the kernels are interpreted, there is nothing to compile")
+@pytest.mark.parametrize("op", OPS)
+def test_forward_row_loop_has_no_barrier_and_prefetches(op):
+    """The forward's first loop in the sm_90 SASS (pass 1 over the row, the variant aligned
+    bf16 tensors run): no barrier and no shuffle inside it (per-lane maxima, merged after
+    the loop), and every 16-byte load it issues (the next block's) is first read at least
+    PREFETCH_DISTANCE instructions later: in flight while the current block's math runs."""
+    block, warps = gpu_config("forward", op, VOCAB, H100)
+    compiled = _compile(row_forward_kernel, dict(OP=OP_CODES[op], HAS_LABELS=True, NEEDS_LABEL=op in NEEDS_LABEL,
+                                                 SOFTCAP=False, WRITE_GRAD=True, BLOCK=block), warps, True)
+    loops = _sass_loops(compiled.asm["cubin"])
+    row_loop = next(lp for lp in loops if any("LDG" in t for t in lp) and any("MUFU.EX2" in t for t in lp))
+    assert not [t for t in row_loop if re.search(r"\bBAR\b|\bSHFL\b", t)], f"{op}: a barrier or shuffle in the row loop"
+    distances = _load_distances(row_loop)
+    assert distances and min(distances) >= PREFETCH_DISTANCE, \
+        f"{op}: the row loop's loads are read {distances} instructions after their issue (of {len(row_loop)})"
 
 
 # ---- backend behaviour ------------------------------------------------------------------------

@@ -119,7 +119,8 @@ RUN_OPTS = MODEL_OPTS + [
     Opt("grad-accum", int, 1, "micro-batches per optimizer step"),
     Opt("max-grad-norm", _optional_float, 1.0, "gradient clipping norm; 0 or none: no clipping"),
     Opt("train-layers", default=None, help="which transformer blocks train: all, top:N (the N highest), bottom:N "
-                                           "or A-B (from 0 at the input); default: every parameter"),
+                                           "or A-B (from 0 at the input); default: every parameter; with --lora-r: "
+                                           "the adapters go only into those blocks"),
     Opt("gradient-checkpointing", _bool, False, "recompute each block's activations in the backward pass "
                                                 "(less memory, one more forward pass of time)", flag_kind="bool"),
     Opt("bf16", _bool, None, "bf16 autocast; default: on where the GPU supports it, off on CPU", flag_kind="bool"),

@@ -17,6 +17,7 @@ reference need not fit one device.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -82,3 +83,22 @@ def unshard_root(wrapper: torch.nn.Module) -> None:
     augmented model as a teacher); its layers still gather themselves per forward."""
     if hasattr(wrapper, "unshard"):
         wrapper.unshard()
+
+
+@contextlib.contextmanager
+def root_gathered(wrapper: torch.nn.Module):
+    """Under FSDP, the root unit's parameters gathered for a while (an evaluation during
+    training runs the bare student, outside the wrapper's forward), then sharded again;
+    elsewhere nothing. Every process must enter it (the gather is collective)."""
+    if not hasattr(wrapper, "unshard"):
+        yield
+        return
+    # Before the first training step the root has not run its forward, which is where FSDP
+    # sets itself up (and makes the wrapper the root: a decoder layer run first would claim
+    # that role and fail the first step). Set it up now.
+    wrapper._get_fsdp_state()._lazy_init()
+    wrapper.unshard()
+    try:
+        yield
+    finally:
+        wrapper.reshard()

@@ -7,13 +7,16 @@ PEFT's layers are injected into the model itself (``peft.inject_adapter_in_model
 behind a ``PeftModel`` wrapper, so the model keeps its class: ``lm_head_inputs`` still
 finds its base model and LM head, and the trainer wraps it like any other. The LM head
 stays frozen (not a default target), so the fused-linear losses form no ``d_weight``.
+With ``train_layers`` (``LoraOptions.layers``) only the selected blocks get adapters.
 
 Since LoRA's up-projection starts at zero, the model with its adapters disabled *is* the
 starting model: NPO's, UnDIAL's and KL's reference is :class:`WithoutAdapters`, a view of
 the student that runs it with the adapters switched off. Adapters are saved in PEFT's
 format (``adapter_config.json`` + ``adapter_model.safetensors``, loadable with
 ``peft.PeftModel.from_pretrained``); :func:`merged_state_dict` folds them into the
-weights for a plain model.
+weights for a plain model. RKLD's augmented model is a second adapter on the same base
+(:func:`add_adapter`, :class:`TrainAdapter` to fine-tune it, ``WithoutAdapters(model,
+name)`` to run it as a frozen teacher).
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ class LoraOptions:
     alpha: float = 16.0         # scale alpha / r on the adapters' product
     dropout: float = 0.0
     targets: tuple[str, ...] = DEFAULT_TARGETS  # module names (suffixes) that get adapters
+    layers: str | None = None   # train_layers ("top:N", "A-B", …): adapters only in those blocks; None: all
 
 
 def parse_targets(value) -> tuple[str, ...]:
@@ -69,7 +73,8 @@ def attach_lora(model: torch.nn.Module, options: LoraOptions):
     if has_lora(model):
         raise ValueError("the model already has LoRA adapters")
     config = LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
-                        target_modules=list(parse_targets(options.targets)), bias="none", task_type="CAUSAL_LM")
+                        target_modules=list(parse_targets(options.targets)), bias="none", task_type="CAUSAL_LM",
+                        **_layer_selection(model, options.layers))
     model.requires_grad_(False)
     try:
         inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
@@ -85,48 +90,83 @@ def attach_lora(model: torch.nn.Module, options: LoraOptions):
     return config
 
 
+def _layer_selection(model: torch.nn.Module, spec: str | None) -> dict:
+    """PEFT's ``layers_to_transform`` / ``layers_pattern`` for ``train_layers``: adapters
+    only in the selected blocks (the rest of the model stays frozen as it is)."""
+    from .train_layers import block_range, decoder_blocks
+    if spec is None or str(spec).strip().lower() == "all":
+        return {}
+    blocks = decoder_blocks(model)
+    pattern = next(name.rpartition(".")[2] for name, m in model.named_modules() if m is blocks)
+    return {"layers_to_transform": list(block_range(spec, len(blocks))), "layers_pattern": pattern}
+
+
 @contextlib.contextmanager
-def adapters_disabled(model: torch.nn.Module):
-    """Runs ``model`` as if it had no adapters. Sets PEFT's flag directly: its
-    ``enable_adapters`` also flips the adapters' ``requires_grad``, which must not change
-    inside a DDP/FSDP forward (DDP registered its hooks by it)."""
+def adapter_active(model: torch.nn.Module, adapter: str | None):
+    """Runs ``model`` with only ``adapter`` active (None: no adapter, the base model).
+    Sets PEFT's flags directly: its ``set_adapter`` and ``enable_adapters`` also flip the
+    adapters' ``requires_grad``, which must not change inside a DDP/FSDP forward (DDP
+    registered its hooks by it)."""
     layers = _tuner_layers(model)
-    before = [layer._disable_adapters for layer in layers]
+    before = [(layer._disable_adapters, layer._active_adapter) for layer in layers]
     for layer in layers:
-        layer._disable_adapters = True
+        layer._disable_adapters = adapter is None
+        if adapter is not None:
+            layer._active_adapter = [adapter]
     try:
         yield
     finally:
-        for layer, off in zip(layers, before):
-            layer._disable_adapters = off
+        for layer, (off, active) in zip(layers, before):
+            layer._disable_adapters, layer._active_adapter = off, active
 
 
-class _Disabled(torch.nn.Module):
-    """``module`` (the student or its base model), run with ``root``'s adapters disabled.
-    Holds them unregistered: a view owns none of their parameters, so nothing is moved,
-    frozen or counted twice."""
+def adapters_disabled(model: torch.nn.Module):
+    """Runs ``model`` as if it had no adapters."""
+    return adapter_active(model, None)
 
-    def __init__(self, module: torch.nn.Module, root: torch.nn.Module):
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    """No dropout (the base model's or an adapter's) in a frozen model's forward, although
+    the student it views trains; the flags are restored."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+class _View(torch.nn.Module):
+    """``module`` (the student or its base model), run as a frozen model: with only
+    ``root``'s adapter ``adapter`` active (None: none), in eval mode. Holds them
+    unregistered: a view owns none of their parameters, so nothing is moved, frozen or
+    counted twice."""
+
+    def __init__(self, module: torch.nn.Module, root: torch.nn.Module, adapter: str | None):
         super().__init__()
         object.__setattr__(self, "_module", module)
         object.__setattr__(self, "_root", root)
+        object.__setattr__(self, "_adapter", adapter)
 
     def forward(self, *args, **kwargs):
-        with adapters_disabled(self._root):
+        with adapter_active(self._root, self._adapter), _eval_mode(self._root):
             return self._module(*args, **kwargs)
 
     def __getattr__(self, name):  # config, logit_scale, …: the viewed module's
         return getattr(object.__getattribute__(self, "_module"), name)
 
 
-class WithoutAdapters(_Disabled):
-    """The student with its LoRA adapters disabled, usable wherever a frozen copy of the
-    starting model is (``Models.reference``): forward, ``base_model`` and
-    ``get_output_embeddings`` for ``lm_head_inputs``. ``copy.deepcopy`` of it is a real,
-    independent copy of the starting model (RKLD fine-tunes one)."""
+class WithoutAdapters(_View):
+    """The student with its LoRA adapters disabled (``adapter=None``), usable wherever a
+    frozen copy of the starting model is (``Models.reference``): forward, ``base_model``
+    and ``get_output_embeddings`` for ``lm_head_inputs``. With ``adapter``: the student's
+    base with that other adapter instead of its own (RKLD's augmented model). ``copy.deepcopy``
+    of the view is a real, independent copy of the model it shows."""
 
-    def __init__(self, model: torch.nn.Module):
-        super().__init__(model, model)
+    def __init__(self, model: torch.nn.Module, adapter: str | None = None):
+        super().__init__(model, model, adapter)
         # Code that asks a model for its device (next(model.parameters()).device) gets it
         # from this empty, frozen parameter, moved with the view.
         self.device_marker = torch.nn.Parameter(torch.empty(0, device=next(model.parameters()).device),
@@ -134,13 +174,100 @@ class WithoutAdapters(_Disabled):
 
     @property
     def base_model(self):
-        return _Disabled(self._module.base_model, self._root)
+        return _View(self._module.base_model, self._root, self._adapter)
 
     def get_output_embeddings(self):
         return self._module.get_output_embeddings()
 
     def __deepcopy__(self, memo):
+        if self._adapter is not None:
+            raise TypeError(f"a copy of the view of adapter {self._adapter!r}: merge it first")
         return without_lora(copy.deepcopy(self._module, memo))
+
+
+class TrainAdapter(torch.nn.Module):
+    """The student's base with its other adapter ``adapter`` active, as a model that
+    trains (RKLD fine-tunes its augmented model so): the student is registered, so
+    its parameters are this module's, and ``requires_grad`` says which train (see
+    :func:`training_only`). Train/eval mode is the caller's, dropout included."""
+
+    def __init__(self, model: torch.nn.Module, adapter: str):
+        super().__init__()
+        self.model = model
+        self.adapter = adapter
+        self._no_split_modules = getattr(model, "_no_split_modules", None)
+
+    def forward(self, *args, **kwargs):
+        with adapter_active(self.model, self.adapter):
+            return self.model(*args, **kwargs)
+
+    @property
+    def base_model(self):
+        return _TrainView(self.model.base_model, self.model, self.adapter)
+
+    def get_output_embeddings(self):
+        return self.model.get_output_embeddings()
+
+    def __getattr__(self, name):  # config, gradient_checkpointing_enable, …: the student's
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["model"], name)
+
+
+class _TrainView(_View):
+    """A view that keeps the train/eval mode of the model it shows (for :class:`TrainAdapter`)."""
+
+    def forward(self, *args, **kwargs):
+        with adapter_active(self._root, self._adapter):
+            return self._module(*args, **kwargs)
+
+
+def add_adapter(model: torch.nn.Module, name: str) -> None:
+    """A second LoRA adapter ``name`` beside the student's (same rank, targets and scale;
+    its up-projection at zero, so the model with it active starts as the base model),
+    frozen; the student's adapter stays the active one. Its initialisation draws from the
+    global RNG."""
+    import warnings
+
+    from peft import inject_adapter_in_model
+    config = lora_config(model)
+    if config is None:
+        raise ValueError("add_adapter: the model has no LoRA adapters (attach_lora first)")
+    if name == ADAPTER_NAME or name in getattr(model, "peft_config", {}):
+        raise ValueError(f"add_adapter: the model already has an adapter {name!r}")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    active = [(layer, layer._active_adapter) for layer in _tuner_layers(model)]
+    with warnings.catch_warnings():  # PEFT warns that the model already has a peft_config: that is the point
+        warnings.simplefilter("ignore", UserWarning)
+        inject_adapter_in_model(config, model, adapter_name=name)
+    for layer, before in active:  # PEFT makes the new adapter the active one
+        layer._active_adapter = before
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in trainable)
+
+
+def delete_adapter(model: torch.nn.Module, name: str) -> None:
+    """Removes the extra adapter ``name`` (the student's stays active)."""
+    for layer in _tuner_layers(model):
+        if name in layer.lora_A:
+            active = layer._active_adapter
+            layer.delete_adapter(name)
+            layer._active_adapter = active
+    getattr(model, "peft_config", {}).pop(name, None)
+
+
+@contextlib.contextmanager
+def training_only(model: torch.nn.Module, adapter: str):
+    """Only ``adapter``'s weights require grad inside; the flags are restored after."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for n, p in model.named_parameters():
+        p.requires_grad_(f".{adapter}." in n and ".lora_" in n)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def without_lora(model: torch.nn.Module) -> torch.nn.Module:
@@ -168,7 +295,7 @@ def adapter_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     """The adapters of a full state dict, under PEFT's saved names
     (``base_model.model.<module>.lora_A.weight``)."""
     return {"base_model.model." + k.replace(f".{ADAPTER_NAME}.", "."): v.contiguous()
-            for k, v in state.items() if ".lora_" in k}
+            for k, v in state.items() if ".lora_" in k and f".{ADAPTER_NAME}." in k}
 
 
 def merged_state_dict(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:

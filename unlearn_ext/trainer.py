@@ -47,7 +47,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from tqdm.auto import tqdm
 
 from . import adapters, checkpoint, lora
-from .distributed import LossForward, fsdp_requested, shard_for_training, shard_frozen, unshard_root
+from .distributed import LossForward, fsdp_requested, root_gathered, shard_for_training, shard_frozen, unshard_root
 from .eval import dynamics
 from .file_modes import follow_umask
 from .methods.base import Method, Models, PrepareData
@@ -211,7 +211,9 @@ def make_accelerator(config: TrainConfig):
 
 
 def _to_device(part: dict, device) -> dict:
-    return {k: v.to(device) for k, v in part.items()}
+    """The part on ``device``; its ``example_id`` stays on the host, where the frozen cache
+    reads it (no device synchronisation per lookup)."""
+    return {k: v if k == "example_id" else v.to(device) for k, v in part.items()}
 
 
 def _part(data: TrainData, ids: list[int]) -> dict:
@@ -319,7 +321,8 @@ def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
     for model in (models.student, models.reference, *models.extra.values()):
         if model is not None and not _is_sharded(model):
             model.to(acc.device)
-    select_train_layers(models.student, config.train_layers)
+    if not config.lora_r:  # with LoRA, train_layers placed the adapters (only they train)
+        select_train_layers(models.student, config.train_layers)
     torch.manual_seed(derive_seed(config.seed, "prepare"))
     method.prepare(models, PrepareData(forget=data.examples, retain=data.retain, collate=data.collate,
                                        train_config=config, seed=config.seed))
@@ -365,66 +368,74 @@ def train(method: Method, models: Models, data: TrainData, config: TrainConfig,
     if config.verbose and acc.is_main_process:
         print(start_line(manifest) + (f" (resumed at step {start})" if start else ""), flush=True)
 
-    cache = start_frozen_cache(method, models, lambda ids: _part(data, ids), lambda p: _to_device(p, acc.device),
-                               config, plan, acc.device, start, acc.process_index)
-    student.train()
-    optimizer.zero_grad(set_to_none=True)  # gradients left on the model by earlier use must not join step 1
-    watch = _FiniteWatch(acc.device, never=total + 1)
-    bar = tqdm(total=total, initial=start, desc=config.desc, disable=not (config.progress and acc.is_main_process))
-    started = time.time()
-    record: dict = {}
-    if evaluator is not None and start == 0:
-        _evaluate_now(evaluator, student, 0, total, out, acc, config)
-    for step in range(start, total):
-        torch.manual_seed(derive_seed(config.seed, "step", step, acc.process_index))  # dropout and the like
-        summed: dict[str, torch.Tensor] = {}
-        for micro in range(config.grad_accum):
-            batch = {method.primary: _to_device(_part(data, plan.examples(step, micro, acc.process_index)),
-                                                acc.device)}
-            if method.needs_retain():
-                batch["retain"] = _to_device(_part(data, [plan.n + j for j in plan.retain(
-                    step, micro, acc.process_index)]), acc.device)
-            last = micro == config.grad_accum - 1
-            with contextlib.nullcontext() if last else acc.no_sync(wrapped), acc.autocast():
-                loss, logs = wrapped(batch)
-                acc.backward(loss / config.grad_accum)
-            for k, v in {"loss": loss.detach(), **logs}.items():
-                summed[k] = summed.get(k, 0.0) + v.float() / config.grad_accum
-        grad_norm = None
-        if config.max_grad_norm:
-            grad_norm = acc.clip_grad_norm_(params, config.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        watch.update(step + 1, summed["loss"], grad_norm)
-        save = ckpt_root is not None and ((config.save_every and (step + 1) % config.save_every == 0)
-                                          or (config.keep_checkpoints and step + 1 == total))
-        log = (step + 1) % config.log_every == 0 or step + 1 == total
-        if log or save:
-            watch.check(acc)
+    with root_gathered(wrapped):  # the cache's probe runs method.loss outside the wrapper, on every rank
+        cache = start_frozen_cache(method, models, lambda ids: _part(data, ids), lambda p: _to_device(p, acc.device),
+                                   config, plan, acc.device, start, acc.process_index)
+    try:
+        student.train()
+        optimizer.zero_grad(set_to_none=True)  # gradients left on the model by earlier use must not join step 1
+        watch = _FiniteWatch(acc.device, never=total + 1)
+        bar = tqdm(total=total, initial=start, desc=config.desc, disable=not (config.progress and acc.is_main_process))
+        started = time.time()
+        record: dict = {}
+        if evaluator is not None and start == 0:
+            _evaluate_now(evaluator, student, wrapped, 0, total, out, acc, config)
+        for step in range(start, total):
+            torch.manual_seed(derive_seed(config.seed, "step", step, acc.process_index))  # dropout and the like
+            summed: dict[str, torch.Tensor] = {}
+            for micro in range(config.grad_accum):
+                batch = {method.primary: _to_device(_part(data, plan.examples(step, micro, acc.process_index)),
+                                                    acc.device)}
+                if method.needs_retain():
+                    batch["retain"] = _to_device(_part(data, [plan.n + j for j in plan.retain(
+                        step, micro, acc.process_index)]), acc.device)
+                last = micro == config.grad_accum - 1
+                with contextlib.nullcontext() if last else acc.no_sync(wrapped), acc.autocast():
+                    loss, logs = wrapped(batch)
+                    acc.backward(loss / config.grad_accum)
+                for k, v in {"loss": loss.detach(), **logs}.items():
+                    summed[k] = summed.get(k, 0.0) + v.float() / config.grad_accum
+            grad_norm = None
+            if config.max_grad_norm:
+                grad_norm = acc.clip_grad_norm_(params, config.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            watch.update(step + 1, summed["loss"], grad_norm)
+            save = ckpt_root is not None and ((config.save_every and (step + 1) % config.save_every == 0)
+                                              or (config.keep_checkpoints and step + 1 == total))
+            log = (step + 1) % config.log_every == 0 or step + 1 == total
+            if log or save:
+                watch.check(acc)
+                if cache is not None:  # the cache's token check, read where the loop synchronises anyway
+                    cache.check()
 
-        if log:
-            names = sorted(summed)
-            values = acc.reduce(torch.stack([summed[k] for k in names]), reduction="mean").tolist()
-            record = {"step": step + 1, "epoch": round(plan.epoch(step + 1), 4), "lr": lr,
-                      **dict(zip(names, values)), "elapsed_s": round(time.time() - started, 3)}
-            if grad_norm is not None:
-                record["grad_norm"] = float(grad_norm)
-            if acc.is_main_process:
-                if log_path is not None:
-                    _log_line(log_path, record)
-                bar.set_postfix(loss=f"{record['loss']:.4g}")
-            for callback in callbacks:
-                callback(step + 1, record)
-        bar.update(1)
-        if evaluator is not None and evaluator.due(step + 1, total):
-            _evaluate_now(evaluator, student, step + 1, total, out, acc, config)
-        if save:
-            checkpoint.save_checkpoint(ckpt_root, step + 1, student, raw_optimizer, scheduler,
-                                       is_main=acc.is_main_process, barrier=acc.wait_for_everyone,
-                                       extra=run_facts, keep=config.checkpoint_limit)
-    bar.close()
+            if log:
+                names = sorted(summed)
+                values = acc.reduce(torch.stack([summed[k] for k in names]), reduction="mean").tolist()
+                record = {"step": step + 1, "epoch": round(plan.epoch(step + 1), 4), "lr": lr,
+                          **dict(zip(names, values)), "elapsed_s": round(time.time() - started, 3)}
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+                if acc.is_main_process:
+                    if log_path is not None:
+                        _log_line(log_path, record)
+                    bar.set_postfix(loss=f"{record['loss']:.4g}")
+                for callback in callbacks:
+                    callback(step + 1, record)
+            bar.update(1)
+            if evaluator is not None and evaluator.due(step + 1, total):
+                _evaluate_now(evaluator, student, wrapped, step + 1, total, out, acc, config)
+            if save:
+                checkpoint.save_checkpoint(ckpt_root, step + 1, student, raw_optimizer, scheduler,
+                                           is_main=acc.is_main_process, barrier=acc.wait_for_everyone,
+                                           extra=run_facts, keep=config.checkpoint_limit)
+        bar.close()
+    except BaseException:
+        if cache is not None:  # a crash (or a kill signal Python sees) must not leave frozen bodies off the device
+            cache.finish(method, check=False)
+        raise
     cache_summary = cache.finish(method) if cache is not None else None
     if cache_summary is not None and (config.progress or config.verbose) and acc.is_main_process:
         tqdm.write(describe_cache(cache_summary))
@@ -516,12 +527,14 @@ def run_summary(record: dict, steps: int, seconds: float, out: Path | None, eval
     return summary
 
 
-def _evaluate_now(evaluator, student, step: int, total: int, out: Path | None, acc, config: TrainConfig) -> None:
-    """One evaluation during training (every rank evaluates its replica; the main process
-    writes), and with keep_best the model of a new best evaluation saved in ``best/``."""
+def _evaluate_now(evaluator, student, wrapped, step: int, total: int, out: Path | None, acc,
+                  config: TrainConfig) -> None:
+    """One evaluation during training (every rank evaluates its replica, the same examples:
+    under FSDP each forward gathers the layers collectively; the main process writes), and
+    with keep_best the model of a new best evaluation saved in ``best/`` (collective too)."""
     model = acc.unwrap_model(student)
     was_training = model.training
-    with torch.no_grad():
+    with torch.no_grad(), root_gathered(wrapped):
         record = evaluator(model, step)
     model.train(was_training)
     if out is None:
@@ -538,16 +551,18 @@ def _is_sharded(model: torch.nn.Module) -> bool:
 
 
 def _setup_lora(method: Method, models: Models, config: TrainConfig) -> None:
-    """With ``config.lora_r``: adapters on the student (only they train), and the student
-    with adapters disabled as the reference (no second copy) unless one was given."""
+    """With ``config.lora_r``: adapters on the student (only they train; with
+    ``train_layers`` only in those blocks), and the student with adapters disabled as the
+    reference (no second copy) unless one was given."""
     if not config.lora_r:
         return
     if method.name == "eul":
         raise ValueError("lora_r: EUL trains its own unlearning layers (its paper's design), not LoRA adapters")
     if not lora.has_lora(models.student):  # resuming in the same process: already attached
         torch.manual_seed(derive_seed(config.seed, "lora"))
+        targets = lora.parse_targets(config.lora_targets or lora.DEFAULT_TARGETS)
         lora.attach_lora(models.student, lora.LoraOptions(config.lora_r, config.lora_alpha, config.lora_dropout,
-                                                          lora.parse_targets(config.lora_targets or lora.DEFAULT_TARGETS)))
+                                                          targets, layers=config.train_layers))
     if method.needs_reference() and models.reference is None:
         models.reference = lora.WithoutAdapters(models.student)
 

@@ -11,9 +11,25 @@
 namespace unlearn_ext {
 namespace cuda {
 
-// Threads per block never exceed this (the kernels' launch bound: at most 64 registers
-// per thread, so that two 512-thread blocks can share a multiprocessor).
-constexpr int kMaxThreads = 1024;
+// Threads per block never exceed this, and the kernels' launch bound asks for two such
+// blocks per multiprocessor (so at most 64 registers per thread): two rows stream on
+// every multiprocessor at any vocabulary size, one merging or writing its gradient while
+// the other reads.
+constexpr int kMaxThreads = 512;
+constexpr int kMinBlocksPerSM = 2;
+// What a block's shared memory holds besides the stage (row_kernels.cu's merge buffer),
+// and what the hardware reserves per block (1 KB on sm_80 and sm_90).
+constexpr int64_t kStaticSharedBytes = 5 * 32 * 8;
+constexpr int64_t kReservedSharedBytes = 1024;
+
+// The stage (row_thread.h) one block may take so that kMinBlocksPerSM blocks still share a
+// multiprocessor with `shared_per_sm` bytes of shared memory (sm_90: 228 KB, so 112 KB per
+// block; sm_80: 164 KB, 80 KB) and at most `shared_per_block` (the opt-in limit).
+inline int64_t stage_limit(int64_t shared_per_sm, int64_t shared_per_block) {
+  const int64_t share = shared_per_sm / kMinBlocksPerSM - kReservedSharedBytes - kStaticSharedBytes;
+  const int64_t cap = shared_per_block - kStaticSharedBytes;
+  return share < cap ? share : cap;
+}
 
 struct LaunchConfig {
   const char* error;  // why the arguments cannot be launched, or null
@@ -21,6 +37,8 @@ struct LaunchConfig {
   Path path;
   int threads;
   int64_t blocks;
+  int64_t stage_vectors;  // on-chip path: 16-byte vectors of the stage per input (0: none)
+  int64_t stage_bytes;    // the dynamic shared memory that takes
 };
 
 inline int pow2_at_least(int64_t n) {
@@ -29,9 +47,12 @@ inline int pow2_at_least(int64_t n) {
   return p;
 }
 
-// uses_grad: the launch writes a gradient (the fused forward, the backward).
-inline LaunchConfig launch_config(const RowArgs& a, bool uses_grad) {
-  LaunchConfig c{nullptr, a.student.dtype == DType::kFloat64, Path::kScalar, 32, 0};
+// uses_grad: the launch writes a gradient (the fused forward, the backward); forward: it
+// is a forward. stage_limit_bytes: the dynamic shared memory a block may take (stage_limit;
+// 0: no on-chip path).
+inline LaunchConfig launch_config(const RowArgs& a, bool uses_grad, bool forward = true,
+                                  int64_t stage_limit_bytes = 0) {
+  LaunchConfig c{nullptr, a.student.dtype == DType::kFloat64, Path::kScalar, 32, 0, 0, 0};
   const RowView* views[3] = {&a.teacher, &a.teacher2, &a.grad};
   const bool used[3] = {num_teachers(a.op) >= 1, num_teachers(a.op) >= 2, uses_grad};
   bool same_dtype = true;
@@ -46,18 +67,27 @@ inline LaunchConfig launch_config(const RowArgs& a, bool uses_grad) {
              : a.student.dtype == DType::kBFloat16 ? Path::kBFloat16 : Path::kFloat16;
   }
   // Block size: enough threads to cover the row in one tile (a thread reads
-  // vec_elems * unroll elements per tile), at most 512 for rows of up to 160 KiB (all
-  // inputs), else 1024. Two 512-thread blocks share a multiprocessor, so that one streams
-  // while the other merges its threads' states; a long row gets a whole multiprocessor so
-  // that the rows that pass 2 re-reads (one per block in flight) still fit in L2
-  // (40-50 MB over 108-132 multiprocessors on A100/H100: ~150 KB per block at two blocks).
-  int64_t row_bytes = a.vocab * dtype_bytes(a.student.dtype);
-  for (int k = 0; k < 2; ++k) row_bytes += used[k] ? a.vocab * dtype_bytes(views[k]->dtype) : 0;
+  // vec_elems * unroll elements per tile), at most kMaxThreads.
   const int64_t per_thread = c.path == Path::kScalar ? 1 : int64_t{vec_elems(c.path)} * unroll(a.op);
-  const int cap = row_bytes <= 160 * 1024 ? 512 : kMaxThreads;
   const int t = pow2_at_least((a.vocab + per_thread - 1) / per_thread);
-  c.threads = t < 32 ? 32 : t > cap ? cap : t;
+  c.threads = t < 32 ? 32 : t;
   c.blocks = a.rows < int64_t{0x7fffffff} ? a.rows : int64_t{0x7fffffff};
+  // The on-chip path: a forward with a pass after pass 1 (the gradient, JSD's second sum)
+  // keeps the row in shared memory when every input's vectors fit in the block's share
+  // (rows that fit in one tile of registers leave the stage unused; its size never costs
+  // occupancy: the limit leaves room for two blocks of kMaxThreads). Longer rows re-read
+  // their tiles from L2, in reverse order (two rows per multiprocessor in flight: 264 x
+  // 256 KB = 67 MB at V = 128k in bf16, about half of it still to be re-read at any
+  // time, against a 50 MB L2).
+  const bool second_pass = forward && (uses_grad || a.op == Op::kJSD);
+  if (second_pass && c.path != Path::kScalar) {
+    const int64_t vectors = a.vocab / vec_elems(c.path);  // at least any row's nvec
+    const int64_t bytes = vectors * 16 * (1 + num_teachers(a.op));
+    if (bytes <= stage_limit_bytes) {
+      c.stage_vectors = vectors;
+      c.stage_bytes = bytes;
+    }
+  }
   return c;
 }
 

@@ -5,6 +5,8 @@
 // (row_kernels.cu), and the thread then walks its share again to write the gradient
 // (pass 2), in reverse tile order so that the tiles read last in pass 1 are re-read from
 // L2 first; the thread's last tile is still in its registers and is not re-read at all.
+// A row that fits in the block's share of shared memory (the on-chip path) is copied
+// there by pass 1 and pass 2 reads it from there: nothing of it is re-read from memory.
 //
 // Everything here compiles with nvcc for the device and with a plain C++ compiler for
 // the host, where tests/cuda_emulator.cpp runs the same code thread by thread to test
@@ -53,8 +55,11 @@ UE_HD constexpr int dtype_bytes(DType d) {
 UE_HD constexpr int path_bytes(Path p) { return p == Path::kFloat32 ? 4 : 2; }
 // Elements per 16-byte vector (1: the scalar path has no vectors).
 UE_HD constexpr int vec_elems(Path p) { return p == Path::kScalar ? 1 : 16 / path_bytes(p); }
-// 16-byte loads each thread keeps in flight per input tensor.
-UE_HD constexpr int unroll(Op op) { return num_teachers(op) == 0 ? 4 : 2; }
+// 16-byte loads each thread keeps in flight per input tensor: 4, 2 and 1 x 16 bytes for
+// one, two and three inputs (RKLD: at 2 its pass-1 loop needs more than the launch
+// bound's 64 registers and ptxas spills inside it, 8 local accesses per iteration in
+// sm_90 SASS; at 1 it has none, and 3 x 16 bytes in flight per thread, 48 KB per SM).
+UE_HD constexpr int unroll(Op op) { return num_teachers(op) == 0 ? 4 : num_teachers(op) == 1 ? 2 : 1; }
 
 // ---- conversions and memory access ---------------------------------------------------
 
@@ -336,10 +341,26 @@ struct Tile {
   Raw16 v[kInputs][kUnroll];
 };
 
+// Shared memory that keeps a row on chip between the forward's passes (the on-chip path,
+// for rows that fit: row_dispatch.h's stage_capacity): input k's vector v of the row at
+// v[k * per_input + v]. Each thread writes in pass 1 exactly the slots it reads back in
+// pass 2 (the same vectors: thread tid takes vectors start + u * nthreads + tid in every
+// walk), so no barrier orders them; the next row's pass 1 comes after in the same thread.
+struct Stage {
+  Raw16* v;
+  int64_t per_input;
+};
+
+// Where load_tile reads a tile: memory (pass 1; evict-first for the last read of the
+// data), memory and also into the stage (pass 1 of an on-chip row), the stage (the
+// passes after pass 1 of an on-chip row: no memory read).
+enum class Src : int { kMemory, kMemoryLast, kMemoryToStage, kStage };
+
 // Loads the thread's vectors of the tile starting at vector `start` (all loads issued
 // before any is used). guarded: the tile may end past the row (else every vector is in it).
-template <Op op, Path P, bool last_read, bool guarded = true>
-UE_HD void load_tile(const RowArgs& a, const RowPlan& p, int64_t start, int tid, int nthreads, Tile<op, P>& tile) {
+template <Op op, Path P, Src src, bool guarded = true>
+UE_HD void load_tile(const RowArgs& a, const RowPlan& p, int64_t start, int tid, int nthreads, Tile<op, P>& tile,
+                     const Stage& stage) {
   constexpr int N = vec_elems(P);
   const RowView* views[3] = {&a.student, &a.teacher, &a.teacher2};
   UE_UNROLL
@@ -348,12 +369,23 @@ UE_HD void load_tile(const RowArgs& a, const RowPlan& p, int64_t start, int tid,
     if (!guarded || v < p.nvec) {
       UE_UNROLL
       for (int k = 0; k < Tile<op, P>::kInputs; ++k) {
-        const void* ptr = vec_ptr<P>(*views[k], p.off[k] + p.vec_begin + v * N);
-        tile.v[k][u] = last_read ? load16_last(ptr) : load16(ptr);
+        if constexpr (src == Src::kStage) {
+          tile.v[k][u] = stage.v[k * stage.per_input + v];
+        } else {
+          const void* ptr = vec_ptr<P>(*views[k], p.off[k] + p.vec_begin + v * N);
+          tile.v[k][u] = src == Src::kMemoryLast ? load16_last(ptr) : load16(ptr);
+          if constexpr (src == Src::kMemoryToStage) stage.v[k * stage.per_input + v] = tile.v[k][u];
+        }
       }
     }
   }
 }
+
+// The source of pass 1 and of the passes after it, for a row staged on chip or not.
+template <bool staged>
+constexpr Src kFirstRead = staged ? Src::kMemoryToStage : Src::kMemory;
+template <bool staged>
+constexpr Src kReRead = staged ? Src::kStage : Src::kMemoryLast;
 
 // Student and teacher logits of one vector (or element), divided by the temperature;
 // the student softcapped first (dc: the softcap's derivative), the teacher built from its
@@ -606,7 +638,7 @@ UE_HD void thread_max(const RowArgs& a, const RowPlan& p, const Params<T>& q, in
       if constexpr (num_teachers(op) >= 1) mt = t[e] > mt ? t[e] : mt;
     }
   };
-  load_tile<op, P, false>(a, p, 0, tid, nthreads, tile);
+  load_tile<op, P, Src::kMemory>(a, p, 0, tid, nthreads, tile, Stage{nullptr, 0});
   for_tile<op, T, P>(tile, p, q, 0, tid, nthreads, add);
   for_scalars<op, T, P>(a, p, q, tid, nthreads, add);
 }
@@ -623,10 +655,10 @@ UE_HD RowState<T> thread_sums(const RowArgs& a, const RowPlan& p, const Params<T
 }
 
 // Pass 1 of a longer row: the thread's state over its share, online. Leaves the thread's
-// last tile in `tile` for pass 2.
-template <Op op, typename T, Path P>
+// last tile in `tile` for pass 2; staged: also copies its vectors into the stage.
+template <Op op, typename T, Path P, bool staged>
 UE_HD RowState<T> thread_state(const RowArgs& a, const RowPlan& p, const Params<T>& q, int tid, int nthreads,
-                               Tile<op, P>& tile) {
+                               Tile<op, P>& tile, const Stage& stage) {
   RowState<T> st = empty_state<T>();
   auto add = [&](const auto& s, const auto& t, const auto&, int64_t j0) { accumulate<op, T>(st, s, t, j0, p.label); };
   if constexpr (P != Path::kScalar) {
@@ -635,12 +667,12 @@ UE_HD RowState<T> thread_state(const RowArgs& a, const RowPlan& p, const Params<
     const int64_t full_end = p.nvec / step * step, at_label = label_tile<op, P>(p, step);
     auto full_tiles = [&](int64_t begin, int64_t end) {
       for (int64_t start = begin; start < end; start += step) {
-        load_tile<op, P, false, false>(a, p, start, tid, nthreads, tile);
+        load_tile<op, P, kFirstRead<staged>, false>(a, p, start, tid, nthreads, tile, stage);
         accumulate_full_tile<op, P>(st, tile, q);
       }
     };
     auto general_tile = [&](int64_t start) {
-      load_tile<op, P, false>(a, p, start, tid, nthreads, tile);
+      load_tile<op, P, kFirstRead<staged>>(a, p, start, tid, nthreads, tile, stage);
       for_tile<op, T, P>(tile, p, q, start, tid, nthreads, add);
     };
     if (!fast_tiles<op>(q)) {
@@ -689,10 +721,12 @@ UE_HD T grad_at(T s, T t, T dc, int64_t j, int64_t label, const T (&stats)[kNumS
 
 // JSD's second pass (row_math.h, jsd_terms), once the block has both log-sums: the
 // thread's shares of the loss and of E_p[b], tiles in reverse order as in thread_grad
-// (tile_cached: `tile` holds the thread's last tile). Leaves the first tile in `tile`.
-template <Op op, typename T, Path P>
+// (tile_cached: `tile` holds the thread's last tile; staged: the others come from the
+// stage, else from L2, kept there for the gradient pass). Leaves the first tile in `tile`.
+template <Op op, typename T, Path P, bool staged>
 UE_HD void thread_jsd(const RowArgs& a, const RowPlan& p, const Params<T>& q, int tid, int nthreads,
-                      const T (&stats)[kNumStats], Tile<op, P>& tile, bool tile_cached, T& value, T& pb) {
+                      const T (&stats)[kNumStats], Tile<op, P>& tile, bool tile_cached, const Stage& stage, T& value,
+                      T& pb) {
   value = T(0);
   pb = T(0);
   auto add = [&](const auto& s, const auto& t, const auto&, int64_t) {
@@ -708,7 +742,8 @@ UE_HD void thread_jsd(const RowArgs& a, const RowPlan& p, const Params<T>& q, in
     const int64_t step = static_cast<int64_t>(nthreads) * Tile<op, P>::kUnroll;
     const int64_t last = p.nvec > 0 ? (p.nvec - 1) / step * step : -1;
     for (int64_t start = last; start >= 0; start -= step) {
-      if (!(tile_cached && start == last)) load_tile<op, P, false>(a, p, start, tid, nthreads, tile);
+      if (!(tile_cached && start == last))
+        load_tile<op, P, staged ? Src::kStage : Src::kMemory>(a, p, start, tid, nthreads, tile, stage);
       for_tile<op, T, P>(tile, p, q, start, tid, nthreads, add);
     }
   }
@@ -724,15 +759,16 @@ UE_HD bool single_tile(const RowPlan& p, int nthreads) {
 
 // Pass 2: writes the gradient of the thread's share of the row, g times d(loss)/d(logits)
 // (g includes 1/temperature), tiles in reverse order. tile_cached: `tile` still holds the
-// thread's last tile from pass 1.
-template <Op op, typename T, Path P>
+// thread's last tile from pass 1; staged: the other tiles come from the stage (nothing
+// of the vectorised row is read from memory), else from L2 or memory.
+template <Op op, typename T, Path P, bool staged>
 UE_HD void thread_grad(const RowArgs& a, const RowPlan& p, const Params<T>& q, int tid, int nthreads, T g,
-                       const T (&stats)[kNumStats], Tile<op, P>& tile, bool tile_cached) {
+                       const T (&stats)[kNumStats], Tile<op, P>& tile, bool tile_cached, const Stage& stage) {
   if constexpr (P != Path::kScalar) {
     constexpr int N = vec_elems(P);
     const int64_t step = static_cast<int64_t>(nthreads) * Tile<op, P>::kUnroll;
     auto general_tile = [&](int64_t start, bool cached) {
-      if (!cached) load_tile<op, P, true>(a, p, start, tid, nthreads, tile);
+      if (!cached) load_tile<op, P, kReRead<staged>>(a, p, start, tid, nthreads, tile, stage);
       for_tile<op, T, P>(tile, p, q, start, tid, nthreads, [&](const T (&s)[N], const T (&t)[N], const T (&dc)[N],
                                                                int64_t j0) {
         Raw16 out{{0u, 0u, 0u, 0u}};
@@ -749,7 +785,7 @@ UE_HD void thread_grad(const RowArgs& a, const RowPlan& p, const Params<T>& q, i
       // Full tiles from `from` down to `to` (tile starts, from >= to), none cached.
       auto full_tiles = [&](int64_t from, int64_t to) {
         for (int64_t start = from; start >= to; start -= step) {
-          load_tile<op, P, true, false>(a, p, start, tid, nthreads, tile);
+          load_tile<op, P, kReRead<staged>, false>(a, p, start, tid, nthreads, tile, stage);
           grad_full_tile<op, P>(a, p, tile, start, tid, nthreads, q, stats, g);
         }
       };

@@ -59,6 +59,24 @@ def answer_mask(part: dict) -> torch.Tensor:
     return shift_labels(part["labels"]) != IGNORE_INDEX
 
 
+def _scatter_rows(rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, T, H]: ``rows`` [n, H] at the True positions of ``mask`` [B, T] in order, zeros
+    elsewhere — what ``hidden[mask] = rows`` gives, without the host reading the mask
+    (a gather at each position's running count; the mask holds n True positions: the token
+    check made sure)."""
+    if rows.shape[0] == 0:
+        return rows.new_zeros(*mask.shape, rows.shape[-1])
+    flat = mask.reshape(-1)
+    gathered = rows.index_select(0, (flat.cumsum(0) - 1).clamp_(min=0))
+    return torch.where(flat.unsqueeze(-1), gathered, 0.0).view(*mask.shape, rows.shape[-1])
+
+
+def _address(t: torch.Tensor) -> int:
+    """Where a tensor's memory is (an FSDP-sharded DTensor: its local shard's), to tell
+    whether two models share it."""
+    return (t.to_local() if hasattr(t, "to_local") else t).untyped_storage().data_ptr()
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -107,7 +125,7 @@ class FrozenCache:
     def __init__(self, frozen: dict[str, torch.nn.Module], student: torch.nn.Module, device, num_forget: int):
         self.frozen = frozen
         self._names = {id(m): name for name, m in frozen.items()}
-        self._student_storage = {p.untyped_storage().data_ptr() for p in student.parameters()}
+        self._student_storage = {_address(p) for p in student.parameters()}
         self.device = torch.device(device)
         self.num_forget = num_forget
         self.recording = True
@@ -125,6 +143,8 @@ class FrozenCache:
         self.computed: Counter = Counter()            # (model, kind) -> examples run through the body
         self.compute_s: Counter = Counter()
         self.fill_s = 0.0
+        self._mismatch: torch.Tensor | None = None    # on the device: a lookup's tokens differed (see check)
+        self._mismatch_ids: list[list[int]] = []
 
     # ---- the seam: Method.frozen / Method.frozen_logprob ------------------------------------
     def outputs(self, head, model, part: dict):
@@ -132,16 +152,13 @@ class FrozenCache:
         name = self._cacheable(model, part)
         if name is None:
             return head.run(model, part)
-        ids = part[EXAMPLE_ID].tolist()
+        ids = part[EXAMPLE_ID].tolist()  # on the host (the trainer keeps them there): no sync
         self._record(name, HIDDEN, ids)
         table = self.rows.get(name)
         if table is not None and table.filled.issuperset(ids):
             self._check_tokens(part, ids)
             self.served[name, HIDDEN] += len(ids)
-            mask = answer_mask(part)
-            rows = table.rows(ids)
-            hidden = rows.new_zeros(*mask.shape, rows.shape[-1])
-            hidden[mask] = rows
+            hidden = _scatter_rows(table.rows(ids), answer_mask(part))
             return head.outputs_from_lm_head(part, LMHeadInputs(hidden, *self.heads[name]))
         lm = self._lm_head_inputs(name, part)
         if table is not None:
@@ -218,15 +235,36 @@ class FrozenCache:
             self.tokens[i] = (part["input_ids"][b][attn].clone(), part["labels"][b][attn].clone())
 
     def _check_tokens(self, part, ids) -> None:
-        """Raises unless the part's examples hold the tokens stored for their ids."""
-        attn = part["attention_mask"].bool()
-        got = torch.cat([part["input_ids"][attn], part["labels"][attn], attn.sum(1)])
-        stored = [self.tokens[i] for i in ids]
-        lengths = torch.tensor([t.numel() for t, _ in stored], device=got.device)
-        want = torch.cat([*(t for t, _ in stored), *(y for _, y in stored), lengths])
-        if not torch.equal(got, want.to(got.dtype)):
-            raise ValueError(f"frozen cache: the batch part's examples {ids} do not hold the tokens cached for "
-                             f"these {EXAMPLE_ID}s (a part must carry the trainer's ids of its own examples, or none)")
+        """Checks that the part's examples hold the tokens stored for their ids. Without
+        reading the device: each row of a (right- or left-) padded part must hold exactly
+        its example's tokens in its first or last n positions, n its stored length (known
+        on the host); the verdict is kept on the device and read by :meth:`check` (on the
+        CPU at once; the trainer calls it where it synchronises anyway, and ``finish``)."""
+        ok = []
+        for b, i in enumerate(ids):
+            want_ids, want_labels = self.tokens[i]
+            n, attn = want_ids.shape[0], part["attention_mask"][b]
+            if n > attn.shape[0]:
+                ok.append(torch.zeros((), dtype=torch.bool, device=attn.device))
+                continue
+            placed = [attn[r].bool().all() & (part["input_ids"][b, r] == want_ids).all()
+                      & (part["labels"][b, r] == want_labels).all()
+                      for r in (slice(0, n), slice(attn.shape[0] - n, None))]  # right padding, left padding
+            ok.append((attn.sum() == n) & (placed[0] | placed[1]))
+        verdict = torch.stack(ok).all()
+        self._mismatch = ~verdict if self._mismatch is None else self._mismatch | ~verdict
+        self._mismatch_ids.append(ids)
+        if self.device.type == "cpu":
+            self.check()
+
+    def check(self) -> None:
+        """Raises if a lookup so far got a part whose examples do not hold the tokens cached
+        for their ids (reads one flag from the device)."""
+        if self._mismatch is not None and bool(self._mismatch):
+            raise ValueError(f"frozen cache: the batch part's examples (ids among {self._mismatch_ids[-8:]}) do not "
+                             f"hold the tokens cached for these {EXAMPLE_ID}s (a part must carry the trainer's ids of "
+                             "its own examples, or none)")
+        self._mismatch_ids.clear()
 
     # ---- the frozen bodies ----------------------------------------------------------------
     def _complete(self, name) -> bool:
@@ -242,14 +280,14 @@ class FrozenCache:
         model = self.frozen[name]
         if self.recording or name in self.offloaded or not self._complete(name):
             return
-        params = [*model.parameters(), *model.buffers()]
-        if any(p.untyped_storage().data_ptr() in self._student_storage for p in params):
-            return  # a view of the student (LoRA's reference): nothing of its own to move
+        params = [p for p in (*model.parameters(), *model.buffers()) if p.numel()]
+        if not params or any(_address(p) in self._student_storage for p in params):
+            return  # a view of the student (LoRA's reference, RKLD's augmented adapter): nothing of its own to move
         on_device = [p for p in params if p.device == self.device]
         if self.device.type == "cpu" or not on_device:
             return
-        kept = {t.untyped_storage().data_ptr() for t in self.heads.get(name, ())[:2] if t is not None}
-        freed = sum(p.numel() * p.element_size() for p in on_device if p.untyped_storage().data_ptr() not in kept)
+        kept = {_address(t) for t in self.heads.get(name, ())[:2] if t is not None}
+        freed = sum(p.numel() * p.element_size() for p in on_device if _address(p) not in kept)
         model.to("cpu")  # the head tensors kept in self.heads still hold their device copy
         self.offloaded[name] = freed
 
@@ -309,20 +347,25 @@ class FrozenCache:
             "device_memory_saved_mib": round((sum(self.offloaded.values()) - on_device) / _MIB, 3) + 0.0,
         }
 
-    def finish(self, method) -> dict:
+    def finish(self, method, *, check: bool = True) -> dict:
         """Frozen bodies back on the device, the cache released; returns the summary (the
-        trainer puts it in the run's summary)."""
+        trainer puts it in the run's summary). ``check``: then raise if a lookup got the
+        wrong tokens (:meth:`check`; off when the run is failing already)."""
         summary = self.summary()
-        for name in list(self.offloaded):
-            self._on_device(name)
-        method.frozen_cache = None
-        self.rows.clear(), self.values.clear(), self.heads.clear(), self.tokens.clear()
-        if self.directory is not None:
-            shutil.rmtree(self.directory, ignore_errors=True)
-            try:
-                self.directory.parent.rmdir()  # the last rank out removes frozen_cache/
-            except OSError:
-                pass
+        try:
+            if check:
+                self.check()
+        finally:
+            for name in list(self.offloaded):
+                self._on_device(name)
+            method.frozen_cache = None
+            self.rows.clear(), self.values.clear(), self.heads.clear(), self.tokens.clear()
+            if self.directory is not None:
+                shutil.rmtree(self.directory, ignore_errors=True)
+                try:
+                    self.directory.parent.rmdir()  # the last rank out removes frozen_cache/
+                except OSError:
+                    pass
         return summary
 
 
@@ -415,8 +458,12 @@ def start_frozen_cache(method, models, make_part: Callable[[list[int]], dict], t
         shutil.rmtree(directory, ignore_errors=True)  # a killed run's
         directory.mkdir(parents=True)
     cache.allocate(mode, directory, counts)
-    cache.fill(method.head, (to_device(make_part(ids)) for ids in _batches(forget, config.batch_size)))
-    for name in frozen:
-        cache._offload_if_complete(name)
+    try:
+        cache.fill(method.head, (to_device(make_part(ids)) for ids in _batches(forget, config.batch_size)))
+        for name in frozen:
+            cache._offload_if_complete(name)
+    except BaseException:
+        cache.finish(method, check=False)  # bodies already moved come back
+        raise
     method.frozen_cache = cache
     return cache

@@ -1,8 +1,9 @@
 """The Triton row kernels: one forward and one backward for all six row ops.
 
 Forward: one program per row walks the vocabulary in blocks of BLOCK columns (never the
-whole row: a whole-row block spills registers past ~16k columns), keeping the row's
-running maxima as scalars and its sums as per-lane vectors (row_math.online_update);
+whole row: a whole-row block spills registers past ~16k columns), keeping running maxima
+and sums per lane (row_math.online_update: no reduction across lanes inside the loop),
+merged once after it (row_math.merge_lanes);
 reverse KL and RKLD walk it a second time for their weighted sum (row_math.
 reverse_kl_block). It writes the row's loss and four float32 statistics; with WRITE_GRAD
 it then walks the row again and writes the gradient (the fused path of sum/mean
@@ -21,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .row_math import (FORWARD_KL, JSD, NEG_INF, REVERSE_KL, RKLD, finalize, grad_at_label, grad_block, jsd_terms,
-                       load_block, online_update, reverse_kl_block, round_to_bf16)
+                       load_block, merge_lanes, online_update, reverse_kl_block, round_to_bf16)
 
 NUM_STATS = tl.constexpr(5)  # per-row statistics (row_math.finalize)
 
@@ -98,30 +99,37 @@ def row_forward_kernel(
     t_row = _row_start(T, r, t_rows, t_inner, t_outer)
     t2_row = _row_start(T2, r, t2_rows, t2_inner, t2_outer)
     lanes = tl.arange(0, BLOCK)
-    ms = tl.full([], NEG_INF, tl.float32)  # running maxima (scalars), their safe shifts ...
-    mt = tl.full([], NEG_INF, tl.float32)
-    ms0 = tl.zeros([], tl.float32)
-    mt0 = tl.zeros([], tl.float32)
+    ms = tl.full([BLOCK], NEG_INF, tl.float32)  # per-lane running maxima ...
+    mt = tl.full([BLOCK], NEG_INF, tl.float32)
     ss = tl.zeros([BLOCK], tl.float32)  # ... and per-lane sums shifted by them
     st = tl.zeros([BLOCK], tl.float32)
     acc = tl.zeros([BLOCK], tl.float32)
-    # Each iteration issues the next block's loads before the current block's math, so that
-    # they are in flight while it computes. `cols < limit` reads nothing past the row, and
-    # nothing at all for an ignored row (limit = 0).
+    # Two blocks ahead: each iteration issues the loads of the block after next before the
+    # current block's math, and they are not read before the next iteration is over, so
+    # that they are in flight during a whole block's math (one block ahead, the compiler
+    # issues them late in the current block's math: their registers are the current
+    # block's). `cols < limit` reads nothing past the row, nothing at all for an ignored
+    # row (limit = 0).
     cols = lanes
     s, t, _ = load_block(s_row, t_row, t2_row, cols, cols < limit, y, inv_t, alpha, gamma, softcap, SOFTCAP, OP)
+    cols1 = BLOCK + lanes
+    s1, t1, _ = load_block(s_row, t_row, t2_row, cols1, cols1 < limit, y, inv_t, alpha, gamma, softcap, SOFTCAP, OP)
     for b0 in range(0, limit, BLOCK):
-        next_cols = b0 + BLOCK + lanes
+        next_cols = b0 + 2 * BLOCK + lanes
         next_s, next_t, _ = load_block(s_row, t_row, t2_row, next_cols, next_cols < limit, y, inv_t, alpha, gamma,
                                        softcap, SOFTCAP, OP)
-        ms, mt, ms0, mt0, ss, st, acc = online_update(s, t, cols, cols < V, y, ms, mt, ms0, mt0, ss, st, acc, OP)
-        cols, s, t = next_cols, next_s, next_t
+        ms, mt, ss, st, acc = online_update(s, t, cols, cols < V, y, ms, mt, ss, st, acc, OP)
+        cols, s, t = cols1, s1, t1
+        cols1, s1, t1 = next_cols, next_s, next_t
+    ms0, mt0, ss, st, acc = merge_lanes(ms, mt, ss, st, acc, OP)  # scalars from here on
     if OP == REVERSE_KL or OP == RKLD:  # the second pass, in reverse: its blocks are still in L2
         num_blocks = tl.cdiv(limit, BLOCK)
+        lane_acc = tl.zeros([BLOCK], tl.float32)  # per lane: no reduction inside the loop
         for i in range(0, num_blocks):
             cols = (num_blocks - 1 - i) * BLOCK + lanes
             s, t, _ = load_block(s_row, t_row, t2_row, cols, cols < V, y, inv_t, alpha, gamma, softcap, SOFTCAP, OP)
-            acc += reverse_kl_block(s, t, ms0, mt0)
+            lane_acc += reverse_kl_block(s, t, ms0, mt0)
+        acc = tl.sum(lane_acc, 0)
 
     if OP < FORWARD_KL:  # the label's logit, left out of ss
         label_cols = tl.where((y >= 0) & (y < V), y, 0) + tl.zeros([1], tl.int64)
@@ -130,8 +138,7 @@ def row_forward_kernel(
         s_label = tl.sum(s_label, 0)
     else:
         s_label = 0.0
-    value, stat1, stat2, stat3 = finalize(ms0, mt0, tl.sum(ss, 0), tl.sum(st, 0), tl.sum(acc, 0), s_label,
-                                          smoothing, z_scale, OP)
+    value, stat1, stat2, stat3 = finalize(ms0, mt0, ss, st, acc, s_label, smoothing, z_scale, OP)
     stat4 = 0.0
     if OP == JSD:  # the second pass, in reverse, with both log-sums known
         num_blocks = tl.cdiv(limit, BLOCK)

@@ -2,9 +2,9 @@
 
 A port of csrc/common/row_math.h: the same formulas, the same max-shifted accumulators and
 the same per-row statistics, applied to a block of a row instead of one element. The
-CPU and CUDA kernels keep one running state per row (or per thread); here the maxima are
-per row (scalars) while the sums are per lane (vectors of the block's width), so that a
-block costs one max-reduction and the sums are reduced once, at the end of the row.
+CPU and CUDA kernels keep one running state per row (or per thread); here the maxima and
+the sums are per lane (vectors of the block's width), so that the row loop reduces
+nothing across lanes: the lanes are merged once, at the end of the row (merge_lanes).
 
 Conventions (DESIGN.md): logits are divided by the temperature on load; -inf is a legal
 (masked) logit; a NaN anywhere in a row makes the row's loss and gradient NaN.
@@ -96,12 +96,35 @@ def load_block(s_row, t_row, t2_row, cols, live, y, inv_t, alpha, gamma, softcap
 
 
 @triton.jit
-def online_update(s, t, cols, live, y, ms, mt, ms0, mt0, ss, st, acc, OP: tl.constexpr):
-    """Merges one loaded block into the row's running state and returns the new state.
+def _safe(m):
+    """A maximum made safe to subtract: -inf (nothing but masked logits so far) shifts by 0,
+    so that exp(-inf - 0) = 0 instead of exp(-inf - -inf) = NaN."""
+    return tl.where(m == NEG_INF, 0.0, m)
 
-    ms, mt are the running maxima of s and t; ms0, mt0 the same made safe to subtract (a
-    row that is -inf so far shifts by 0, so that exp(-inf - 0) = 0 instead of
-    exp(-inf - -inf) = NaN); ss, st, acc are per-lane sums shifted by them:
+
+@triton.jit
+def _lane_step(x, m):
+    """One element per lane against the lane's running maximum m: (new maximum, its safe
+    shift, the factor that moves the lane's sums to it, exp(x - new shift)), with a single
+    exponential: where x raises the maximum the factor is exp(m - x) and x's own term is
+    1, else the factor is 1 and the term exp(x - m). A NaN never raises it (it reaches the
+    sums through its term); a +inf's term is NaN, as exp(inf - inf) is."""
+    up = x > m
+    m_new = tl.where(up, x, m)
+    m0_new = _safe(m_new)
+    e = tl.exp(tl.where(up, m - x, x - m0_new))
+    return m_new, m0_new, tl.where(up, e, 1.0), tl.where(up, 1.0 + (x - m0_new), e)
+
+
+@triton.jit
+def online_update(s, t, cols, live, y, ms, mt, ss, st, acc, OP: tl.constexpr):
+    """Merges one loaded block into the row's running state, lane by lane, and returns the
+    new state. Every lane (one column of the block) keeps its own maxima, so that the row
+    loop has no reduction across lanes (no shuffles, no barrier): the lanes are merged
+    once, after the loop (merge_lanes).
+
+    ms, mt are the lanes' running maxima of s and t; ss, st, acc per-lane sums shifted by
+    their safe values (_safe):
       ss, st  sum exp(s - ms), sum exp(t - mt); the token ops leave the label's own term
               out of ss (ms still covers it), so that finalize keeps 1 - p_y's digits
       acc     the op's weighted sum, of logits shifted by their maxima so that two nearly
@@ -113,38 +136,59 @@ def online_update(s, t, cols, live, y, ms, mt, ms0, mt0, ss, st, acc, OP: tl.con
               (reverse KL's and JSD's are taken by a second pass: see reverse_kl_block, jsd_terms)
     A zero weight contributes exactly 0 even where the other factor is infinite (masked
     logits: 0 * log 0 = 0). When a maximum grows, the sums are rescaled and acc's shifts
-    moved: sum w (x - old) = sum w (x - new) + (new - old) sum w.
-
-    NaN never wins tl.maximum on the GPU, so a NaN maximum cannot appear (under the
-    interpreter it can, and the row is NaN all the same); NaN logits reach the result
-    through the sums instead (exp(NaN - m) = NaN)."""
-    ms_new = tl.maximum(ms, tl.max(s, 0))
-    ms0_new = tl.where(ms_new == NEG_INF, 0.0, ms_new)
-    fs = tl.where(ms == ms_new, 1.0, tl.exp(ms - ms_new))
-    es = tl.exp(s - ms0_new)
+    moved: sum w (x - old) = sum w (x - new) + (new - old) sum w. One exponential per
+    element and input, as before (_lane_step)."""
+    ms0 = _safe(ms)
+    ms, ms0_new, fs, es = _lane_step(s, ms)
     if OP < FORWARD_KL:
         ss = ss * fs + tl.where(cols == y, 0.0, es)
         if OP == CROSS_ENTROPY:
             acc = acc + (ms0 - ms0_new) * st + tl.where(live, s - ms0_new, 0.0)
             st = st + tl.where(live, 1.0, 0.0)
-        mt_new = mt
-        mt0_new = mt0
     else:
-        mt_new = tl.maximum(mt, tl.max(t, 0))
-        mt0_new = tl.where(mt_new == NEG_INF, 0.0, mt_new)
-        ft = tl.where(mt == mt_new, 1.0, tl.exp(mt - mt_new))
-        et = tl.exp(t - mt0_new)
-        ds = ms0 - ms0_new  # old shift - new shift (<= 0)
-        dt = mt0 - mt0_new
-        ss = ss * fs
-        st = st * ft
+        mt0 = _safe(mt)
+        mt, mt0_new, ft, et = _lane_step(t, mt)
+        ss, st, acc = _moved(ss * fs, st * ft, acc, ft, ms0 - ms0_new, mt0 - mt0_new, OP)
         if OP == FORWARD_KL:
-            acc = acc * ft + (dt - ds) * st + tl.where(et == 0.0, 0.0, et * ((t - mt0_new) - (s - ms0_new)))
+            acc += tl.where(et == 0.0, 0.0, et * ((t - mt0_new) - (s - ms0_new)))
         elif OP == UNDIAL:
-            acc = acc * ft + ds * st + tl.where(et == 0.0, 0.0, et * (s - ms0_new))
+            acc += tl.where(et == 0.0, 0.0, et * (s - ms0_new))
         ss += es
         st += et
-    return ms_new, mt_new, ms0_new, mt0_new, ss, st, acc
+    return ms, mt, ss, st, acc
+
+
+@triton.jit
+def _moved(ss, st, acc, ft, ds, dt, OP: tl.constexpr):
+    """The teacher ops' acc moved to new shifts (ds, dt: old shift - new shift, <= 0), ss
+    and st already rescaled (st by ft)."""
+    if OP == FORWARD_KL:
+        acc = acc * ft + (dt - ds) * st
+    elif OP == UNDIAL:
+        acc = acc * ft + ds * st
+    return ss, st, acc
+
+
+@triton.jit
+def merge_lanes(ms, mt, ss, st, acc, OP: tl.constexpr):
+    """The row's safe maxima and reduced sums from the lanes' (online_update): every lane
+    moved to the row's maxima (one exponential per lane, once per row), then summed. A lane
+    that saw only masked logits has nothing to move (its factor is 0: its sums are 0, or
+    NaN, which stays NaN)."""
+    ms0 = _safe(ms)
+    ms0_row = _safe(tl.max(ms, 0))
+    fs = tl.where(ms == NEG_INF, 0.0, tl.exp(ms0 - ms0_row))
+    if OP < FORWARD_KL:
+        mt0_row = ms0_row
+        ss = ss * fs
+        if OP == CROSS_ENTROPY:
+            acc = acc + (ms0 - ms0_row) * st
+    else:
+        mt0 = _safe(mt)
+        mt0_row = _safe(tl.max(mt, 0))
+        ft = tl.where(mt == NEG_INF, 0.0, tl.exp(mt0 - mt0_row))
+        ss, st, acc = _moved(ss * fs, st * ft, acc, ft, ms0 - ms0_row, mt0 - mt0_row, OP)
+    return ms0_row, mt0_row, tl.sum(ss, 0), tl.sum(st, 0), tl.sum(acc, 0)
 
 
 @triton.jit
