@@ -9,6 +9,7 @@ Environment variables:
 """
 import glob
 import os
+import sys
 
 from setuptools import setup
 from torch.utils import cpp_extension
@@ -31,18 +32,24 @@ def sanitizer_flags():
 
 def cpu_extension():
     sanitize = sanitizer_flags()
-    sources = ["csrc/bindings.cpp", "csrc/cpu/dispatch.cpp"] + sorted(glob.glob("csrc/cpu/row_kernels_*.cpp"))
+    # torch's CPU wheels for Linux use OpenMP for intra-op threads (elsewhere: its native pool,
+    # which needs no flag).
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    sources = ["csrc/bindings.cpp", "csrc/cpu/dispatch.cpp", "csrc/cpu/grad_pool.cpp"] + sorted(glob.glob("csrc/cpu/row_kernels_*.cpp"))
     return cpp_extension.CppExtension(
         "unlearn_ext._C",
         sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
-        # -fopenmp-simd: honour `#pragma omp simd` (vectorised reductions) without OpenMP.
+        # -fopenmp: at::parallel_for is a header template that splits rows across threads only
+        # where _OPENMP is defined; without it every call ran on one thread. The runtime is
+        # torch's own libgomp.so.1 (already loaded by torch under that soname), not a second one.
+        # -fopenmp-simd: honour `#pragma omp simd` (vectorised reductions) where -fopenmp is off.
         # -fno-trapping-math: lets the compiler turn the clamps and selects of the kernels'
         # exp into vector blends (with traps assumed, every comparison stays a branch and no
         # loop vectorises). NaN and inf semantics are kept (no -ffast-math).
-        extra_compile_args=["-O3", "-fopenmp-simd", "-fno-math-errno",
+        extra_compile_args=["-O3", *openmp, "-fopenmp-simd", "-fno-math-errno",
                             "-fno-trapping-math", *sanitize],
-        extra_link_args=sanitize,
+        extra_link_args=[*openmp, *sanitize],
     )
 
 

@@ -76,10 +76,10 @@ def time_both(fn, before=None, warmup=1, repeats=5):
     return statistics.median(walls), statistics.median(cpus), statistics.median(faults)
 
 
-def make_inputs(op, rows, vocab):
+def make_inputs(op, rows, vocab, dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, vocab, generator=g) * 3
-    teachers = [torch.randn(rows, vocab, generator=g) * 3 for _ in range(TEACHERS[op])]
+    x = (torch.randn(rows, vocab, generator=g) * 3).to(dtype)
+    teachers = [(torch.randn(rows, vocab, generator=g) * 3).to(dtype) for _ in range(TEACHERS[op])]
     return x, teachers, torch.randint(0, vocab, (rows,), generator=g)
 
 
@@ -99,8 +99,8 @@ def _compiled_fwd_bwd(compiled, x):
 
 
 # Memory runs in a fresh process: these module-level functions are pickled to it.
-def _setup(op, rows, vocab):
-    x, teachers, y = make_inputs(op, rows, vocab)
+def _setup(op, rows, vocab, dtype):
+    x, teachers, y = make_inputs(op, rows, vocab, getattr(torch, dtype))
     x.add_(0)  # touch every page before the baseline is read
     return x, teachers, y
 
@@ -110,11 +110,11 @@ def _run(impl, op, state):
 
 
 class _Case:
-    def __init__(self, impl, op, rows, vocab):
-        self.impl, self.op, self.rows, self.vocab = impl, op, rows, vocab
+    def __init__(self, impl, op, rows, vocab, dtype):
+        self.impl, self.op, self.rows, self.vocab, self.dtype = impl, op, rows, vocab, dtype
 
     def setup(self):
-        return _setup(self.op, self.rows, self.vocab)
+        return _setup(self.op, self.rows, self.vocab, self.dtype)
 
     def run(self, state):
         _run(self.impl, self.op, state)
@@ -125,6 +125,7 @@ def main():
     ap.add_argument("--rows", type=int, default=2048)
     ap.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256])
     ap.add_argument("--ops", nargs="+", default=OPS, choices=OPS)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-memory", action="store_true", help="skip the (slower) memory measurements")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu_ops.json"))
@@ -133,13 +134,13 @@ def main():
         sys.exit(f"the C++ CPU extension is not available: {ue.backends()['cpu'].detail}")
 
     rows_out = []
-    print(f"# {machine()}; N = {args.rows}, fp32, forward+backward, median of {args.repeats}; "
+    print(f"# {machine()}; N = {args.rows}, {args.dtype}, {torch.get_num_threads()} threads, forward+backward, median of {args.repeats}; "
           f"load average {os.getloadavg()[0]:.1f} at the start; ms wall (CPU time of the process)")
     print(f"{'op':14} {'V':>7} {'eager':>15} {'compile':>15} {'ours':>15} {'x eager':>7} {'x compile':>9} "
           f"{'alternating':>15} {'alt/alone':>9} {'faults':>13} {'none':>8} {'eager MB':>9} {'ours MB':>8} {'mem ratio':>9}")
     for vocab in args.vocab:
         for op in args.ops:
-            x, teachers, y = make_inputs(op, args.rows, vocab)
+            x, teachers, y = make_inputs(op, args.rows, vocab, getattr(torch, args.dtype))
             run = {impl: (lambda impl=impl: fwd_bwd(impl, op, x, teachers, y)) for impl in IMPLS}
             compiled = torch.compile(lambda leaf, op=op: eager(op, leaf, teachers, y))
             run["compile"] = lambda: _compiled_fwd_bwd(compiled, x)
@@ -150,24 +151,25 @@ def main():
             mem = {}
             if not args.no_memory:
                 for impl in ("eager", "ours", "ours_inplace"):
-                    case = _Case(impl, op, args.rows, vocab)
+                    case = _Case(impl, op, args.rows, vocab, args.dtype)
                     mem[impl] = cpu_peak_extra_bytes(case.setup, case.run)
-            row = {"op": op, "rows": args.rows, "vocab": vocab, "dtype": "float32",
+            row = {"op": op, "rows": args.rows, "vocab": vocab, "dtype": args.dtype,
+                   "load_average": os.getloadavg()[0],
                    **{f"{k}_s": v[0] for k, v in times.items()}, **{f"{k}_cpu_s": v[1] for k, v in times.items()},
                    **{f"{k}_minor_faults": v[2] for k, v in times.items()},
                    **{f"{k}_peak_extra_bytes": v for k, v in mem.items()}}
             rows_out.append(row)
             mb = lambda k: f"{mem[k] / 2**20:.0f}" if k in mem else "-"  # noqa: E731
-            ratio = f"{mem['ours'] / mem['eager']:.2f}" if mem.get("eager") else "-"
+            mem_ratio = f"{mem['ours'] / mem['eager']:.2f}" if mem.get("eager") else "-"
             ms = lambda k: f"{times[k][0] * 1e3:.0f} ({times[k][1] * 1e3:.0f})"  # noqa: E731
-            cpu_ratio = lambda a, b: times[a][1] / times[b][1]  # noqa: E731
+            ratio = lambda a, b: times[a][0] / times[b][0]  # noqa: E731
             print(f"{op:14} {vocab:7} {ms('eager'):>15} {ms('compile'):>15} {ms('ours'):>15} "
-                  f"{cpu_ratio('eager', 'ours'):6.2f}x {cpu_ratio('compile', 'ours'):8.2f}x {ms('alternating'):>15} "
-                  f"{cpu_ratio('alternating', 'ours'):9.2f} {times['ours'][2]:6.0f}/{times['alternating'][2]:<6.0f} "
+                  f"{ratio('eager', 'ours'):6.2f}x {ratio('compile', 'ours'):8.2f}x {ms('alternating'):>15} "
+                  f"{ratio('alternating', 'ours'):9.2f} {times['ours'][2]:6.0f}/{times['alternating'][2]:<6.0f} "
                   f"{times['ours_none'][0] * 1e3:8.0f} "
-                  f"{mb('eager'):>9} {mb('ours'):>8} {ratio:>9}", flush=True)
-    print("x eager, x compile and alt/alone are CPU-time ratios; faults: ours' minor page faults per call, "
-          "alone/alternating")
+                  f"{mb('eager'):>9} {mb('ours'):>8} {mem_ratio:>9}", flush=True)
+    print("x eager, x compile and alt/alone are ratios of median wall times (run it alone on the machine); "
+          "faults: ours' minor page faults per call, alone/alternating")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     write_json(args.out, rows_out, repeats=args.repeats, cpu_isa=ue.backends()["cpu"].detail)
     print(f"wrote {args.out}")

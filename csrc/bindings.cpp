@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/grad_pool.h"
 #include "cpu/row_kernels.h"
 #include "torch_row_args.h"
 
@@ -80,4 +81,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "unlearn_ext CPU kernels (the ops are registered under torch.ops.unlearn_ext)";
   m.def("cpu_isa", [] { return std::string(unlearn_ext::cpu::kernels().isa); },
         "The instruction set of the CPU kernels in use (avx512, avx2 or base).");
+  m.def("grad_buffer", [](const std::vector<int64_t>& sizes, at::ScalarType dtype) {
+    return unlearn_ext::cpu::grad_buffer(sizes, dtype);
+  }, "An uninitialised CPU gradient buffer, reusing freed ones (csrc/cpu/grad_pool.h).");
+  m.def("grad_pool_stats", [] {
+    const auto s = unlearn_ext::cpu::grad_pool_stats();
+    return std::make_pair(s.free_blocks, s.free_bytes);
+  }, "(free blocks, free bytes) of the CPU gradient buffers' free list.");
+  m.def("release_grad_pool", &unlearn_ext::cpu::release_grad_pool, "Unmaps the free gradient buffers.");
+  // How many threads at::parallel_for, as the kernels call it, runs `rows` rows on (a build
+  // without OpenMP runs every row on the calling thread).
+  m.def("row_threads", [](int64_t rows) {
+    std::vector<char> used(static_cast<size_t>(at::get_num_threads()), 0);
+    at::parallel_for(0, rows, 1, [&](int64_t, int64_t) { used[static_cast<size_t>(at::get_thread_num())] = 1; });
+    int64_t n = 0;
+    for (const char u : used) n += u;
+    return n;
+  });
 }

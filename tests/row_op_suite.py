@@ -293,7 +293,9 @@ class RowOpSuite:
         (out * upstream).sum().backward() if reduction == "none" else out.backward()
         torch.testing.assert_close(out.detach(), expected_out)
         torch.testing.assert_close(leaf.grad, expected_grad)
-        assert torch.equal(buffer.detach(), expected_grad), "the gradient was written over the logits buffer"
+        # The buffer holds the gradient itself (bit for bit what reached the leaf; the fused
+        # forward's gradient above rounds differently on the CPU, from its saved exponentials).
+        assert torch.equal(buffer.detach(), leaf.grad), "the gradient was written over the logits buffer"
 
     @pytest.mark.parametrize("backend", BACKENDS)
     def test_teacher_gets_no_gradient(self, backend, seed):

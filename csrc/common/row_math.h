@@ -305,15 +305,16 @@ UE_HD T jsd_finish(T value_sum, T pb_sum, T* stats) {
 //   forward KL     g (p - q)     UnDIAL         g (p - q~)   (t already adjusted)
 //   reverse KL     g p (((s - ms) - (t - mt)) - E_p[...])    (= p (log p - log q - KL))
 //   JSD            g p (b - E_p[b])
-// m supplies exp (per element), log, log1p and expm1.
+// m supplies exp (per element), log, log1p and expm1. grad_elem_p takes the student's
+// probability p = exp((s - stats[0]) - stats[1]) from the caller (the CPU's fused forward
+// keeps each element's exponential from pass 1; forward KL and UnDIAL then need no s).
 template <Op op, typename T, typename M>
-UE_HD T grad_elem(T s, T t, const T* stats, T g, const RowConsts<T>& c, M m) {
-  const T p = m.exp((s - stats[0]) - stats[1]);
+UE_HD T grad_elem_p(T p, T s, T t, const T* stats, T g, const RowConsts<T>& c, M m) {
   if constexpr (op == Op::kTokenLogprob) {
-    (void)t; (void)c;
+    (void)s; (void)t; (void)c;
     return -g * p;
   } else if constexpr (op == Op::kCrossEntropy) {
-    (void)t;
+    (void)s; (void)t;
     const T zf = c.z_scale == T(0) ? T(1) : T(1) + T(2) * c.z_scale * (stats[0] + stats[1]);
     return g * (p * zf - c.smoothing_per_elem);
   } else if constexpr (op == Op::kReverseKL || op == Op::kRKLD) {
@@ -326,9 +327,14 @@ UE_HD T grad_elem(T s, T t, const T* stats, T g, const RowConsts<T>& c, M m) {
     const T b = -log_mix(d, c.beta, c.one_minus_beta, m) / c.beta;
     return p == T(0) ? T(0) : g * p * (b - stats[4]);
   } else {
-    (void)c;
+    (void)c; (void)s;
     return g * (p - m.exp((t - stats[2]) - stats[3]));
   }
+}
+
+template <Op op, typename T, typename M>
+UE_HD T grad_elem(T s, T t, const T* stats, T g, const RowConsts<T>& c, M m) {
+  return grad_elem_p<op, T>(m.exp((s - stats[0]) - stats[1]), s, t, stats, g, c, m);
 }
 
 // The token ops' gradient at the label: g (1 - p_y) computed as -expm1(log p_y) from the

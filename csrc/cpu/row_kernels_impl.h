@@ -6,12 +6,15 @@
 // converted to the compute type in an L1-resident buffer (teacher built on load), its
 // maxima and exponential sums are taken by vectorised loops, and the block's state is
 // merged into the row's running state (row_math.h). A row is read from memory once in the
-// forward; the fused path then walks it again from L2 to write the gradient.
+// forward; the fused path keeps each element's exp(s - block max) in a per-thread row buffer
+// and then walks the row again from L2 to write the gradient, taking p from that buffer by
+// one multiply per element instead of an exponential.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "../common/float_bits.h"
 #include "../common/row_args.h"
@@ -177,19 +180,24 @@ struct Scratch {
   alignas(64) T dcap[kBlock];
 };
 
-// Loads block [b0, b0 + n) of row r: student softcapped (if asked) and scaled by
-// 1/temperature, the softcap's derivative in w.dcap; teacher built from its raw inputs
-// (RKLD, UnDIAL at the label) and then scaled.
-template <Op op, typename T>
-void load_block(const RowArgs& a, const RowConsts<T>& c, int64_t r, int64_t y, int64_t b0, int64_t n,
-                Scratch<T>& w) {
-  const T inv_t = c.inv_temperature;
+// Loads block [b0, b0 + n) of row r's student logits, softcapped (if asked) and scaled by
+// 1/temperature, the softcap's derivative in w.dcap.
+template <typename T>
+void load_student(const RowArgs& a, const RowConsts<T>& c, int64_t r, int64_t b0, int64_t n, Scratch<T>& w) {
   if (c.softcap == T(0)) {
-    load<T>(w.s, a.student, row_offset(a.student, r) + b0, n, inv_t);
+    load<T>(w.s, a.student, row_offset(a.student, r) + b0, n, c.inv_temperature);
   } else {
     load<T>(w.s, a.student, row_offset(a.student, r) + b0, n, T(1));
     for (int64_t i = 0; i < n; ++i) w.s[i] = student_logit(w.s[i], c, w.dcap[i], TanhFn{});
   }
+}
+
+// Loads the teacher's block, built from its raw inputs (RKLD, UnDIAL at the label) and then
+// scaled by 1/temperature.
+template <Op op, typename T>
+void load_teacher(const RowArgs& a, const RowConsts<T>& c, int64_t r, int64_t y, int64_t b0, int64_t n,
+                  Scratch<T>& w) {
+  const T inv_t = c.inv_temperature;
   if constexpr (num_teachers(op) >= 1) {
     load<T>(w.t, a.teacher, row_offset(a.teacher, r) + b0, n, T(1));
     if constexpr (op == Op::kRKLD) {
@@ -207,7 +215,16 @@ void load_block(const RowArgs& a, const RowConsts<T>& c, int64_t r, int64_t y, i
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) w.t[i] *= inv_t;
     }
+  } else {
+    (void)a; (void)r; (void)y; (void)b0; (void)n; (void)w; (void)inv_t;
   }
+}
+
+template <Op op, typename T>
+void load_block(const RowArgs& a, const RowConsts<T>& c, int64_t r, int64_t y, int64_t b0, int64_t n,
+                Scratch<T>& w) {
+  load_student<T>(a, c, r, b0, n, w);
+  load_teacher<op, T>(a, c, r, y, b0, n, w);
 }
 
 template <typename T>
@@ -219,9 +236,10 @@ UE_INLINE T block_max(const T* x, int64_t n) {
 }
 
 // The state of one loaded block, by two vectorised loops (maxima, then sums). For the token
-// ops the label's entry (label_pos, or -1) counts in the maximum but not in the sum.
+// ops the label's entry (label_pos, or -1) counts in the maximum but not in the sum. With
+// `es` (the fused forward), each exp(s - safe block max) is also stored there (0 at the label).
 template <Op op, typename T>
-UE_INLINE RowState<T> block_state(Scratch<T>& w, int64_t n, int64_t label_pos) {
+UE_INLINE RowState<T> block_state(Scratch<T>& w, int64_t n, int64_t label_pos, T* es) {
   RowState<T> b = empty_state<T>();
   b.ms = block_max(w.s, n);
   const T ms0 = safe_max(b.ms);
@@ -233,8 +251,28 @@ UE_INLINE RowState<T> block_state(Scratch<T>& w, int64_t n, int64_t label_pos) {
   }
   if (label_pos >= 0) w.s[label_pos] = neg_inf<T>();
   if constexpr (num_teachers(op) == 0) {
+    if (es != nullptr) {
 #pragma omp simd reduction(+ : ss)
-    for (int64_t i = 0; i < n; ++i) ss += exp_fast(w.s[i] - ms0);
+      for (int64_t i = 0; i < n; ++i) {
+        es[i] = exp_fast(w.s[i] - ms0);
+        ss += es[i];
+      }
+    } else {
+#pragma omp simd reduction(+ : ss)
+      for (int64_t i = 0; i < n; ++i) ss += exp_fast(w.s[i] - ms0);
+    }
+  } else if (es != nullptr) {
+    b.mt = block_max(w.t, n);
+    const T mt0 = safe_max(b.mt);
+#pragma omp simd reduction(+ : ss, st, acc)
+    for (int64_t i = 0; i < n; ++i) {
+      const T e = exp_fast(w.s[i] - ms0);
+      const T et = exp_fast(w.t[i] - mt0);
+      es[i] = e;
+      ss += e;
+      st += et;
+      acc += acc_term<op, T>(w.s[i], w.t[i], e, et, ms0, mt0);
+    }
   } else {
     b.mt = block_max(w.t, n);
     const T mt0 = safe_max(b.mt);
@@ -281,6 +319,61 @@ void grad_row(const RowArgs& a, const RowConsts<T>& c, int64_t r, int64_t y, T g
   }
 }
 
+// The fused forward's gradient pass: as grad_row, with p = es * exp(block shift - ms - log ss)
+// from pass 1's exponentials (es; each block's maximum in shifts, es shifted by its safe_max). Only what the op's gradient
+// still needs is loaded again: s and t for the reverse KLs, t for forward KL and UnDIAL,
+// nothing for the token ops (s for the softcap's derivative, if there is one).
+template <Op op, typename T>
+void grad_row_from_exps(const RowArgs& a, const RowConsts<T>& c, int64_t r, int64_t y, T g, const T* row_stats,
+                        const T* es, const T* shifts, Scratch<T>& w) {
+  T stats[kNumStats];
+  for (int k = 0; k < kNumStats; ++k) stats[k] = row_stats[k];
+  const RowConsts<T> cl = c;
+  constexpr bool kNeedsS = op == Op::kReverseKL || op == Op::kRKLD;
+  const bool load_s = kNeedsS || cl.softcap != T(0);
+  const int64_t out_offset = row_offset(a.grad, r);
+  for (int64_t b0 = 0, k = 0; b0 < a.vocab; b0 += kBlock, ++k) {
+    const int64_t n = a.vocab - b0 < kBlock ? a.vocab - b0 : kBlock;
+    if (load_s) load_student<T>(a, cl, r, b0, n, w);
+    load_teacher<op, T>(a, cl, r, y, b0, n, w);
+    const T* e = es + b0;
+    const T* s = kNeedsS ? w.s : e;                     // read by the reverse KLs only
+    const T* t = num_teachers(op) >= 1 ? w.t : e;       // token ops have no teacher
+    // A block that is all -inf has es = 0 (or NaN): its factor must not overflow to inf.
+    const T f = shifts[k] == neg_inf<T>() ? T(0) : exp_fast((shifts[k] - stats[0]) - stats[1]);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i)
+      w.out[i] = grad_elem_p<op, T>(e[i] * f, s[i], t[i], stats, g, cl, ElemMath{});
+    if constexpr (reads_label_logit(op)) {
+      if (y >= b0 && y < b0 + n) w.out[y - b0] = grad_at_label<op, T>(stats, g, cl, ElemMath{});
+    }
+    if (cl.softcap != T(0)) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) w.out[i] *= w.dcap[i];
+    }
+    store<T>(a.grad, out_offset + b0, w.out, n);
+  }
+}
+
+// Per-thread row buffers of the fused forward, kept across calls (the threads are the
+// OpenMP pool's): pass 1's exponentials and each block's shift.
+template <typename T>
+struct RowExps {
+  std::vector<T> es, shifts;
+  void reserve(int64_t vocab) {
+    if (static_cast<int64_t>(es.size()) < vocab) es.resize(static_cast<size_t>(vocab));
+    const int64_t blocks = (vocab + kBlock - 1) / kBlock;
+    if (static_cast<int64_t>(shifts.size()) < blocks) shifts.resize(static_cast<size_t>(blocks));
+  }
+};
+
+template <typename T>
+RowExps<T>& row_exps(int64_t vocab) {
+  static thread_local RowExps<T> buffers;
+  buffers.reserve(vocab);
+  return buffers;
+}
+
 // JSD's second pass over a row: its loss and E_p[b] (row_math.h, jsd_terms), now that
 // pass 1 has both log-sums. Blocks in reverse: the last ones read are still in cache.
 // The sums run in double: a row's terms have both signs, and one float accumulator over
@@ -309,6 +402,15 @@ void forward_rows(const RowArgs& a, int64_t begin, int64_t end) {
   T* values = static_cast<T*>(a.values);
   T* stats_all = static_cast<T*>(a.stats);
   Scratch<T> w;
+  // JSD's gradient needs its second pass's statistics: it recomputes p.
+  const bool keep_exps = a.write_grad && op != Op::kJSD;
+  T* es = nullptr;
+  T* shifts = nullptr;
+  if (keep_exps) {
+    RowExps<T>& buffers = row_exps<T>(a.vocab);
+    es = buffers.es.data();
+    shifts = buffers.shifts.data();
+  }
   for (int64_t r = begin; r < end; ++r) {
     T* stats = stats_all + r * ns;
     if (row_ignored(a, r)) {
@@ -319,11 +421,13 @@ void forward_rows(const RowArgs& a, int64_t begin, int64_t end) {
     }
     const int64_t y = row_label(a, r);
     RowState<T> state = empty_state<T>();
-    for (int64_t b0 = 0; b0 < a.vocab; b0 += kBlock) {
+    for (int64_t b0 = 0, k = 0; b0 < a.vocab; b0 += kBlock, ++k) {
       const int64_t n = a.vocab - b0 < kBlock ? a.vocab - b0 : kBlock;
       load_block<op, T>(a, c, r, y, b0, n, w);
       const int64_t label_pos = reads_label_logit(op) && y >= b0 && y < b0 + n ? y - b0 : -1;
-      state = merge<op, T>(state, block_state<op, T>(w, n, label_pos), ExpFn{});
+      const RowState<T> b = block_state<op, T>(w, n, label_pos, keep_exps ? es + b0 : nullptr);
+      if (keep_exps) shifts[k] = b.ms;  // es were shifted by safe_max of it
+      state = merge<op, T>(state, b, ExpFn{});
     }
     T s_label = T(0);
     if constexpr (reads_label_logit(op)) {
@@ -337,7 +441,11 @@ void forward_rows(const RowArgs& a, int64_t begin, int64_t end) {
     values[r] = value;
     if (a.write_grad) {
       const T g = bad_label ? T(NAN) : static_cast<T>(a.grad_scale * a.inv_temperature);
-      grad_row<op, T>(a, c, r, y, g, stats, w);
+      if (keep_exps) {
+        grad_row_from_exps<op, T>(a, c, r, y, g, stats, es, shifts, w);
+      } else {
+        grad_row<op, T>(a, c, r, y, g, stats, w);
+      }
     }
   }
 }

@@ -1,4 +1,4 @@
-"""Transparent huge pages for fresh CPU gradient buffers.
+"""Fresh CPU gradient buffers: transparent huge pages, and reuse of freed ones.
 
 A new [N, V] gradient buffer is memory the process has never touched: the kernel that
 writes it first takes one page fault per 4 KiB page, and on a 2-core Xeon those faults
@@ -32,6 +32,28 @@ def _madvise():
 
 
 _MADVISE = _madvise()
+
+
+def _grad_pool():
+    try:
+        from .. import _C
+    except ImportError:  # no C++ extension: nothing to pool for
+        return None
+    return getattr(_C, "grad_buffer", None)
+
+
+_GRAD_BUFFER = _grad_pool()
+
+
+def pooled_grad_buffer(like: torch.Tensor) -> torch.Tensor | None:
+    """An uninitialised CPU buffer shaped like ``like`` from the C++ extension's free list
+    (csrc/cpu/grad_pool.h): the memory of a gradient freed earlier, already mapped, so the
+    kernel's first write takes no page faults and the OS zeroes nothing (else a new 2 MiB-
+    aligned mapping on huge pages). None where it does not apply: no extension, not a CPU
+    tensor, or under torch.compile (the compiled graph allocates its own buffers)."""
+    if _GRAD_BUFFER is None or like.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    return _GRAD_BUFFER(list(like.shape), like.dtype)
 
 
 def advise_huge_pages(t: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from .. import reference
 from .._backends import _kernels, resolve
 from ._checks import check_finite, check_labels, check_logits, check_reduction, check_teacher, tracing
 from ._grad_scale import scale_grad_
-from ._huge_pages import advise_huge_pages
+from ._huge_pages import advise_huge_pages, pooled_grad_buffer
 
 
 class RowParams(NamedTuple):
@@ -43,11 +43,16 @@ class RowParams(NamedTuple):
         return [float(x) for x in self[1:]]
 
 
-def new_grad_buffer(like: torch.Tensor) -> torch.Tensor:
+def new_grad_buffer(like: torch.Tensor, pooled: bool = False) -> torch.Tensor:
     """A gradient buffer for the kernels; NaN-filled under UNLEARN_EXT_POISON=1 (the tests)
-    so that an element a kernel fails to write shows up."""
+    so that an element a kernel fails to write shows up. ``pooled``: the row ops' [N, V]
+    gradient, which a training step frees before the next one asks again; on the CPU it
+    reuses that memory (pooled_grad_buffer) instead of faulting in fresh pages each call."""
     if os.environ.get("UNLEARN_EXT_POISON") == "1":
         return torch.full(like.shape, float("nan"), dtype=like.dtype, device=like.device)
+    buffer = pooled_grad_buffer(like) if pooled else None
+    if buffer is not None:
+        return buffer
     return advise_huge_pages(torch.empty(like.shape, dtype=like.dtype, device=like.device))
 
 
@@ -117,7 +122,7 @@ class RowLossFunction(torch.autograd.Function):
         ctx.fused = reduction != "none" and kernels.fuses_grad and ctx.needs_input_grad[0] and not inplace
         ctx.scaled = False
         if ctx.fused:
-            grad = new_grad_buffer(logits)
+            grad = new_grad_buffer(logits, pooled=True)
             values, stats = kernels.forward_with_grad(op, logits, teacher, teacher2, labels, params, grad,
                                                       grad_scale_tensor(reduction, divisor, logits.device))
             ctx.save_for_backward(grad)
@@ -160,7 +165,7 @@ class RowLossFunction(torch.autograd.Function):
             grad_rows = g.expand(rows).contiguous()
         else:
             grad_rows = (g / count).expand(rows).contiguous()
-        grad = logits if ctx.inplace else new_grad_buffer(logits)
+        grad = logits if ctx.inplace else new_grad_buffer(logits, pooled=True)
         _kernels(ctx.backend).backward(ctx.op, logits, teacher, teacher2, labels, stats, grad_rows, ctx.params, grad)
         if ctx.inplace:
             # The kernel wrote through a raw pointer: tell autograd, so that every other
