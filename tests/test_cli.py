@@ -448,8 +448,8 @@ def test_a_killed_run_resumes_with_its_evaluations(capsys, files, tmp_path, monk
                     "--no-fused")
     real = trainer._evaluate_now
 
-    def stop_after_3(evaluator, student, step, *rest):
-        real(evaluator, student, step, *rest)
+    def stop_after_3(evaluator, student, wrapped, step, *rest):
+        real(evaluator, student, wrapped, step, *rest)
         if step == 3:
             raise KeyboardInterrupt
 
