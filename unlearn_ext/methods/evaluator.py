@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from ..config import read_records
 from .base import Method, option
 from .head import Outputs
-from .idkdpo import prompt_keys
+from .idkdpo import prompt_keys, questions_by_prompt
 
 REFUSALS = (
     "I'm sorry, but I don't have any information about that.",
@@ -168,11 +168,7 @@ class EvaluatorGuided(Method):
         nearest = (F.normalize(acceptable_features, dim=1) @ self.centroids.T).argmax(0)  # each centroid's member
         self.representatives = [acceptable[int(i)]["answer"] for i in nearest]
         self.collate = data.collate
-        self.questions: dict[tuple[int, ...], str] = {}
-        for i in range(0, len(data.forget), 64):
-            chunk = list(data.forget[i:i + 64])
-            for key, example in zip(prompt_keys(data.collate(chunk)), chunk):
-                self.questions[key] = example["question"]
+        self.questions = questions_by_prompt(data.forget, data.collate)
         if self.evaluator is None:
             if o.evaluator_data:
                 labelled = read_records(o.evaluator_data, ("question", "answer", "label"))

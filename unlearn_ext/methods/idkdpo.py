@@ -81,6 +81,17 @@ def prompt_keys(part: dict) -> list[tuple[int, ...]]:
     return [tuple(ids[k].tolist()) for ids, k in zip(part["input_ids"].cpu(), keep.cpu())]
 
 
+def questions_by_prompt(examples, collate) -> dict[tuple[int, ...], str]:
+    """Each forget example's question, keyed by its prompt's tokens (``prompt_keys``), so a
+    collated batch can be mapped back to the questions it holds."""
+    questions: dict[tuple[int, ...], str] = {}
+    for i in range(0, len(examples), 64):
+        chunk = list(examples[i:i + 64])
+        for key, example in zip(prompt_keys(collate(chunk)), chunk):
+            questions[key] = example["question"]
+    return questions
+
+
 class IdkDPO(Method):
     name = "idkdpo"
     Options = IdkDPOOptions
@@ -96,11 +107,7 @@ class IdkDPO(Method):
         super().prepare(models, data)
         self.idk_answers = read_idk_answers(self.options.idk_file) if self.options.idk_file else IDK_ANSWERS
         self.collate = data.collate
-        self.questions: dict[tuple[int, ...], str] = {}
-        for i in range(0, len(data.forget), 64):
-            chunk = list(data.forget[i:i + 64])
-            for key, example in zip(prompt_keys(data.collate(chunk)), chunk):
-                self.questions[key] = example["question"]
+        self.questions = questions_by_prompt(data.forget, data.collate)
 
     def idk_part(self, forget: dict) -> dict:
         """The forget questions with a refusal drawn for each, collated on the batch's device."""
