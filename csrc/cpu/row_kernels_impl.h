@@ -291,6 +291,21 @@ UE_INLINE RowState<T> block_state(Scratch<T>& w, int64_t n, int64_t label_pos, T
   return b;
 }
 
+// The end of a gradient block, shared by both gradient passes: the label's own element, the
+// softcap's derivative, the store.
+template <Op op, typename T>
+inline void store_grad_block(const RowArgs& a, const RowConsts<T>& cl, int64_t y, T g, const T* stats,
+                             int64_t out_offset, int64_t b0, int64_t n, Scratch<T>& w) {
+  if constexpr (reads_label_logit(op)) {
+    if (y >= b0 && y < b0 + n) w.out[y - b0] = grad_at_label<op, T>(stats, g, cl, ElemMath{});
+  }
+  if (cl.softcap != T(0)) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) w.out[i] *= w.dcap[i];
+  }
+  store<T>(a.grad, out_offset + b0, w.out, n);
+}
+
 // Writes the gradient of row r, g times d(loss)/d(scaled logits) (g includes 1/temperature),
 // times the softcap's derivative when there is one.
 template <Op op, typename T>
@@ -308,14 +323,7 @@ void grad_row(const RowArgs& a, const RowConsts<T>& c, int64_t r, int64_t y, T g
     const T* t = num_teachers(op) >= 1 ? w.t : w.s;  // token ops have no teacher
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) w.out[i] = grad_elem<op, T>(w.s[i], t[i], stats, g, cl, ElemMath{});
-    if constexpr (reads_label_logit(op)) {
-      if (y >= b0 && y < b0 + n) w.out[y - b0] = grad_at_label<op, T>(stats, g, cl, ElemMath{});
-    }
-    if (cl.softcap != T(0)) {
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) w.out[i] *= w.dcap[i];
-    }
-    store<T>(a.grad, out_offset + b0, w.out, n);
+    store_grad_block<op, T>(a, cl, y, g, stats, out_offset, b0, n, w);
   }
 }
 
@@ -344,14 +352,7 @@ void grad_row_from_exps(const RowArgs& a, const RowConsts<T>& c, int64_t r, int6
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i)
       w.out[i] = grad_elem_p<op, T>(e[i] * f, s[i], t[i], stats, g, cl, ElemMath{});
-    if constexpr (reads_label_logit(op)) {
-      if (y >= b0 && y < b0 + n) w.out[y - b0] = grad_at_label<op, T>(stats, g, cl, ElemMath{});
-    }
-    if (cl.softcap != T(0)) {
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) w.out[i] *= w.dcap[i];
-    }
-    store<T>(a.grad, out_offset + b0, w.out, n);
+    store_grad_block<op, T>(a, cl, y, g, stats, out_offset, b0, n, w);
   }
 }
 
