@@ -19,30 +19,34 @@ def _thp_mode() -> str:
         return "unavailable"
 
 
-def _huge_bytes_over(t: torch.Tensor) -> int:
-    """AnonHugePages of the mappings that overlap t's storage (/proc/self/smaps)."""
+def _advised_bytes_over(t: torch.Tensor) -> int:
+    """Bytes of t's storage in mappings that carry the huge-page advice (VmFlags "hg" in
+    /proc/self/smaps). Whether the kernel then finds free 2 MiB pages at the first touch
+    depends on the machine's memory fragmentation (CI's, after thousands of tests, often
+    had none: AnonHugePages 0), so the test checks what this package controls: the advice."""
     start = t.untyped_storage().data_ptr()
     end = start + t.untyped_storage().nbytes()
-    total, overlaps = 0, False
+    total, overlap = 0, 0
     with open("/proc/self/smaps") as f:
         for line in f:
             head = line.split()[0]
             if "-" in head and ":" not in head:
                 lo, hi = (int(x, 16) for x in head.split("-"))
-                overlaps = lo < end and hi > start
-            elif overlaps and head == "AnonHugePages:":
-                total += int(line.split()[1]) * 1024
+                overlap = max(0, min(hi, end) - max(lo, start))
+            elif head == "VmFlags:" and "hg" in line.split()[1:]:
+                total += overlap
     return total
 
 
 @pytest.mark.skipif(_thp_mode() not in ("madvise", "always"),
                     reason=f"transparent huge pages are {_thp_mode()} on this machine")
-def test_a_new_gradient_buffer_gets_huge_pages(monkeypatch):
+def test_a_new_gradient_buffer_is_advised_to_use_huge_pages(monkeypatch):
     monkeypatch.delenv("UNLEARN_EXT_POISON", raising=False)
     like = torch.empty(64, (16 * HUGE_PAGE) // (64 * 4))
     grad = new_grad_buffer(like)
-    grad.fill_(1.0)  # first touch: the faults take huge pages
-    assert _huge_bytes_over(grad) >= 8 * HUGE_PAGE
+    # All but the unaligned head and tail of the 32 MiB buffer.
+    assert _advised_bytes_over(grad) >= 14 * HUGE_PAGE
+    assert _advised_bytes_over(torch.empty_like(grad)) == 0  # a plain tensor is not advised
 
 
 def test_the_hint_keeps_contents_and_ignores_what_it_cannot_use():
