@@ -66,8 +66,12 @@ CUDA_INCLUDE ?= $(shell $(NVCC) -v -x cu -E /dev/null -o /dev/null 2>&1 | sed -n
 CUDA_CHECK := build/cuda-check
 CUDA_HEADERS := $(wildcard csrc/common/*.h csrc/cuda/*.h) csrc/torch_row_args.h
 CUDA_CHECKED := $(patsubst csrc/cuda/%,$(CUDA_CHECK)/%.ok,$(wildcard csrc/cuda/*.cu csrc/cuda/*.cpp))
-NVCC_FLAGS := -std=c++17 -O3 -lineinfo -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
-	-Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror -Xptxas -v
+# torch's own nvcc flags (COMMON_NVCC_FLAGS: -D__CUDA_NO_HALF_CONVERSIONS__ and the like, which
+# remove __half's and __nv_bfloat16's implicit conversions) are added as setup.py's build adds
+# them, so that what compiles here compiles there.
+TORCH_NVCC_FLAGS = $(shell $(PY) -c "from torch.utils.cpp_extension import COMMON_NVCC_FLAGS as f; print(' '.join(f))" 2>/dev/null)
+NVCC_FLAGS = -std=c++17 -O3 -lineinfo -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
+	$(TORCH_NVCC_FLAGS) -Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror -Xptxas -v
 
 ifeq ($(strip $(NVCC)),)
 cuda-check:
@@ -77,7 +81,7 @@ cuda-check:
 else
 cuda-check: $(CUDA_CHECKED)
 
-$(CUDA_CHECK)/%.cu.ok: csrc/cuda/%.cu $(CUDA_HEADERS)
+$(CUDA_CHECK)/%.cu.ok: csrc/cuda/%.cu $(CUDA_HEADERS) $(VENV)/.installed
 	@mkdir -p $(CUDA_CHECK)
 	$(NVCC) $(NVCC_FLAGS) -c $< -o $(CUDA_CHECK)/$*.o 2> $(CUDA_CHECK)/$*.ptxas.log || { cat $(CUDA_CHECK)/$*.ptxas.log; exit 1; }
 	@echo "cuda-check: $< compiled for sm_80 and sm_90; kernels that spill registers:" \

@@ -102,14 +102,15 @@ def find_tool(name: str) -> str | None:
 
 
 def cubin(nvcc: str) -> str:
-    """row_kernels.cu compiled for sm_90 as setup.py builds it (-O3 -lineinfo), cached under
-    build/sass-budget until a source changes."""
+    """row_kernels.cu compiled for sm_90 as setup.py builds it (-O3 -lineinfo and torch's
+    COMMON_NVCC_FLAGS), cached under build/sass-budget until a source changes."""
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
     os.makedirs(CACHE, exist_ok=True)
     out = os.path.join(CACHE, "row_kernels.sm_90.cubin")
     newest = max(os.path.getmtime(p) for p in SOURCES + HEADERS)
     if not os.path.exists(out) or os.path.getmtime(out) < newest:
-        cmd = [nvcc, "-std=c++17", "-O3", "-lineinfo", "-gencode", "arch=compute_90,code=sm_90", "-cubin",
-               "-I" + os.path.join(ROOT, "csrc"), SOURCES[0], "-o", out + ".tmp"]
+        cmd = [nvcc, "-std=c++17", "-O3", "-lineinfo", *COMMON_NVCC_FLAGS, "-gencode", "arch=compute_90,code=sm_90",
+               "-cubin", "-I" + os.path.join(ROOT, "csrc"), SOURCES[0], "-o", out + ".tmp"]
         subprocess.run(cmd, check=True)
         os.replace(out + ".tmp", out)
     return out

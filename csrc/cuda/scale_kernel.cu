@@ -12,11 +12,15 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 65535;
 
-// x * s rounded once to T: in float for 16/32-bit types, in double for float64.
-template <typename T>
-__device__ T scaled(T x, double s) { return static_cast<T>(static_cast<float>(x) * static_cast<float>(s)); }
-template <>
-__device__ double scaled<double>(double x, double s) { return x * s; }
+// x * s rounded once to T: in float for 16/32-bit types, in double for float64. The 16-bit
+// types convert through their intrinsics: torch builds CUDA code with
+// __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__, which remove the implicit ones.
+__device__ float scaled(float x, double s) { return x * static_cast<float>(s); }
+__device__ double scaled(double x, double s) { return x * s; }
+__device__ __nv_bfloat16 scaled(__nv_bfloat16 x, double s) {
+  return __float2bfloat16_rn(__bfloat162float(x) * static_cast<float>(s));
+}
+__device__ __half scaled(__half x, double s) { return __float2half_rn(__half2float(x) * static_cast<float>(s)); }
 
 template <typename T>
 __global__ void scale_kernel(T* data, int64_t n, const double* scale) {
