@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .eval import summary_row
 from .eval.report import markdown_table, plot_tradeoff, write_json, write_text
+from .published import side_by_side
 
 TABLE_COLUMNS = ("split", "method", "setting", "forget_quality", "model_utility", "forget.prob", "forget.rouge",
                  "forget.truth_ratio", "retain.prob", "retain.rouge", "real_authors.prob", "world_facts.prob",
@@ -111,6 +112,10 @@ def markdown_report(report: dict) -> str:
         lines += ["## Every method at its defaults", "", markdown_table(report["default_rows"], TABLE_COLUMNS)]
     if s["grid"] and report["grid_rows"]:
         lines += ["## Every setting run", "", markdown_table(report["grid_rows"], GRID_COLUMNS)]
+    if report["rows"]:
+        lines += ["## Side by side with published figures (forget quality / model utility)", "",
+                  "Other models, data and budgets (`unlearn_ext/published.py`): compare the orderings, not the "
+                  "numbers.", "", *side_by_side(report["rows"], report["splits"])]
     overrides = ", ".join(f"{split} {name}: {opts}" for split in report["splits"] for name in report["methods"]
                           if (opts := method_options(name, split, scale)))
     missing = [split for split in report["splits"] if split not in report["details"]]
