@@ -2,7 +2,11 @@
 # benchmarks/tofu_smol_collect.sh [RUN_DIR]: copy what the smol benchmark has finished so far
 # (benchmark.json/.md/.png, grid.png, each method's selected dynamics plot and log, the data
 # manifest and the run's log) from RUN_DIR (default: runs/tofu_smol of the checkout) into
-# benchmarks/results/tofu_smol/, to commit. Models, per-run directories and evaluations stay in RUN_DIR.
+# benchmarks/results/tofu_smol/, to commit; and the stage caches a later session restores to
+# continue (cache/: every evaluation, and each unlearning run's result.json and eval.png, as
+# the benchmark stores them: `cp -r benchmarks/results/tofu_smol/cache/. runs/tofu_smol/`).
+# Models stay in RUN_DIR (a later session fine-tunes the target again; the retain models'
+# evaluations are cached, so they are not).
 set -euo pipefail
 run=${1:-$(cd "$(dirname "$0")/.." && pwd)/runs/tofu_smol}
 dest=$(cd "$(dirname "$0")" && pwd)/results/tofu_smol
@@ -14,4 +18,6 @@ done
 [ -d "$run/dynamics" ] && cp "$run"/dynamics/* "$dest/dynamics/" 2>/dev/null || true
 [ -f "$run/data/manifest.json" ] && cp "$run/data/manifest.json" "$dest/data_manifest.json"
 [ -f "$run/log.txt" ] && tail -n 400 "$run/log.txt" | grep -v 'Warning\|warn(' > "$dest/log_tail.txt" || true
+(cd "$run" && find evals runs \( -path 'evals/*.json' -o -name result.json -o -name eval.png \) -type f 2>/dev/null) \
+    | while read -r f; do mkdir -p "$dest/cache/$(dirname "$f")" && cp "$run/$f" "$dest/cache/$f"; done
 echo "copied into $dest: $(ls "$dest" | tr '\n' ' ')"

@@ -419,12 +419,15 @@ def run_benchmark(scale: Scale, out: str | os.PathLike, *, splits: Sequence[str]
             log(f"  (loaded from {out / 'models' / name}: same settings)")
         return model.eval(), model_fingerprint(examples, scale, seed)
 
-    def score(split, label, model, model_fp, sets):
+    def score(split, label, make_model, model_fp, sets):
+        """``make_model()`` is called only if the evaluation is not cached: a retain model
+        whose evaluation was kept need not be fine-tuned (or loaded) again."""
         fingerprint = {"model": model_fp, "sets": _sets_fingerprint(sets), "eval": _eval_settings(scale),
                        "backend": backend}
         result, hit = cached(out / "evals" / split / f"{label}.json", fingerprint, lambda: timed(
-            f"evaluate {split} {label}", lambda: evaluate(model, tokenizer, sets, batch_size=scale.eval_batch_size,
-                                                          backend=backend, progress=progress)))
+            f"evaluate {split} {label}", lambda: evaluate(make_model(), tokenizer, sets,
+                                                          batch_size=scale.eval_batch_size, backend=backend,
+                                                          progress=progress)))
         if hit:
             log(f"  (evaluation of {split} {label}: cached)")
         return result
@@ -437,10 +440,10 @@ def run_benchmark(scale: Scale, out: str | os.PathLike, *, splits: Sequence[str]
     state["parameters"] = sum(p.numel() for p in target.parameters())
     for split in (s for s in RUN_ORDER if s in splits):
         sets = eval_sets(data, split, scale)
-        retain_model, retain_fp = finetune(RETAIN_OF[split], data[RETAIN_OF[split]])
-        reference = score(split, "retain", retain_model, retain_fp, sets)
-        del retain_model
-        finetuned_result = {**score(split, "finetuned", target, target_fp, sets)}
+        retain = RETAIN_OF[split]
+        retain_fp = model_fingerprint(data[retain] + stand_ins, scale, seed)
+        reference = score(split, "retain", lambda: finetune(retain, data[retain])[0], retain_fp, sets)
+        finetuned_result = {**score(split, "finetuned", lambda: target, target_fp, sets)}
         finetuned_result.update(forget_quality_against(finetuned_result, reference))
         done = {"retain": reference, "finetuned": finetuned_result, "runs": {}}
         state["splits_done"][split] = done
