@@ -64,17 +64,25 @@ def time_both(fn, before=None, warmup=1, repeats=5):
         if before:
             before()
         fn()
-    walls, cpus, faults = [], [], []
+    samples = []
     for _ in range(repeats):
         if before:
             before()
-        (c0, f0), w0 = _usage(), time.perf_counter()
-        fn()
-        walls.append(time.perf_counter() - w0)
-        c1, f1 = _usage()
-        cpus.append(c1 - c0)
-        faults.append(f1 - f0)
-    return statistics.median(walls), statistics.median(cpus), statistics.median(faults)
+        samples.append(_sample(fn))
+    return _medians(samples)
+
+
+def _sample(fn):
+    """(wall s, CPU s, minor page faults) of one call of fn()."""
+    (c0, f0), w0 = _usage(), time.perf_counter()
+    fn()
+    wall = time.perf_counter() - w0
+    c1, f1 = _usage()
+    return wall, c1 - c0, f1 - f0
+
+
+def _medians(samples):
+    return tuple(statistics.median(x) for x in zip(*samples))
 
 
 def time_paired(fn, other, repeats=5):
@@ -87,14 +95,9 @@ def time_paired(fn, other, repeats=5):
     after_other, after_fn = [], []
     for _ in range(repeats):
         other()
-        for samples in (after_other, after_fn):
-            (c0, f0), w0 = _usage(), time.perf_counter()
-            fn()
-            wall = time.perf_counter() - w0
-            c1, f1 = _usage()
-            samples.append((wall, c1 - c0, f1 - f0))
-    medians = lambda samples: tuple(statistics.median(x) for x in zip(*samples))  # noqa: E731
-    return medians(after_other), medians(after_fn)
+        after_other.append(_sample(fn))
+        after_fn.append(_sample(fn))
+    return _medians(after_other), _medians(after_fn)
 
 
 def make_inputs(op, rows, vocab, dtype=torch.float32):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+from .eval.report import markdown_table
+
 # source -> method (our registry's names) -> split -> (forget quality, model utility or None)
 PUBLISHED: dict[str, dict[str, dict[str, tuple[float, float | None]]]] = {
     "RKLD paper (Llama-2-7B-chat, its Table 8)": {
@@ -50,12 +52,10 @@ def side_by_side(rows: Sequence[Mapping], splits: Sequence[str]) -> list[str]:
         ours = {r["method"]: r for r in rows if r.get("split") == split}
         if not ours:
             continue
-        lines += [f"### {split}", "", "| method | ours | " + " | ".join(sources) + " |",
-                  "|---|---|" + "---|" * len(sources)]
-        for name, row in ours.items():
-            lines.append(f"| {name} | {_pair(row.get('forget_quality'), row.get('model_utility'))} | "
-                         + " | ".join(_pair(*PUBLISHED[s][name][split]) if split in PUBLISHED[s].get(name, {})
-                                      else "–" for s in sources) + " |")
+        table = [{"method": name, "ours": _pair(row.get("forget_quality"), row.get("model_utility")),
+                  **{s: _pair(*PUBLISHED[s][name][split]) if split in PUBLISHED[s].get(name, {}) else "–"
+                     for s in sources}} for name, row in ours.items()]
+        lines += [f"### {split}", "", markdown_table(table, ["method", "ours", *sources]).rstrip("\n")]
         unlearned = {n: r["forget_quality"] for n, r in ours.items()
                      if n not in ("retain", "finetuned") and r.get("forget_quality") is not None}
         for source in sources:
