@@ -11,15 +11,16 @@ import stat
 
 import pytest
 import torch
+import yaml
 from tiny_lm import one_thread  # noqa: F401  (autouse: tiny models run fastest on one thread)
 
-from unlearn_ext import benchmark, benchmark_report, cli
+from unlearn_ext import benchmark, benchmark_configs, benchmark_report, cli
 from unlearn_ext.eval import forget_quality, model_utility
 from unlearn_ext.eval.report import _format
 
 TINY = {"num_authors": 10, "questions_per_author": 4, "vocab_size": 400, "max_length": 96, "finetune_lr": 3e-3,
         "finetune_epochs": 1, "finetune_batch_size": 8, "unlearn_lr": 1e-3, "unlearn_epochs": 1,
-        "unlearn_batch_size": 4, "eval_batch_size": 32, "unlearn_eval_every": 1}
+        "unlearn_batch_size": 2, "eval_batch_size": 32, "unlearn_eval_every": 1}
 METHODS = ("ga", "npo_rt", "rkld")  # rkld: trains a model of its own in prepare
 
 
@@ -139,6 +140,34 @@ def test_second_run_continues_from_the_cached_stages(report, capsys):
     chosen = benchmark.select(saved["grid_rows"], saved["rows"][1]["model_utility"])
     assert saved["rows"][2]["setting"] == chosen["setting"]
     assert [r["selected"] for r in saved["grid_rows"] if r["setting"] == chosen["setting"]] == ["yes"]
+
+
+def test_selected_config_repeats_the_selected_run(report, capsys):
+    """configs/<method>.yaml (written with the grid on, by the test above) holds the selected
+    setting and the benchmark's schedule: `unlearn-ext unlearn --config` with it, on the
+    benchmark's target and data, takes the same steps with the same losses."""
+    out, _ = report
+    if not (out / "configs" / "ga.yaml").is_file():
+        run_cli(out, capsys, "--scale-arg", "grid=true")  # this test alone: every stage cached but the grid's
+    saved = json.loads((out / "benchmark.json").read_text())
+    chosen = next(r for r in saved["rows"] if r["method"] == "ga")
+    config = (out / "configs" / "ga.yaml").read_text()
+    assert f"lr {yaml.safe_load(config)['lr']:.3g}" == chosen["setting"]
+    assert "# forget10: " + chosen["setting"] in config
+    label = saved["details"]["forget10"]["selected"]["ga"]
+    expected = json.loads((out / "runs" / "forget10" / "ga" / label / "result.json").read_text())["result"]
+    code = cli.main(["unlearn", "--config", str(out / "configs" / "ga.yaml"), "--model", str(out / "models" / "target"),
+                     "--tokenizer", str(out / "models" / "tokenizer"), "--forget", str(out / "data" / "forget10.json"), "--output", str(out / "repeat"),
+                     "--no-progress"])
+    assert code == 0
+    steps = [json.loads(line) for line in (out / "repeat" / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "loss" in r]
+    assert [r["step"] for r in steps] == [r["step"] for r in expected["train_log"]]
+    for got, want in zip(steps, expected["train_log"]):
+        assert got["lr"] == pytest.approx(want["lr"]) and got["loss"] == pytest.approx(want["loss"], rel=1e-4)
+    # Options that differ from a method's defaults go into method_args; the head does not.
+    assert benchmark_configs._method_args("rkld", {"head": "fused", "alpha": 8.0, "augment_lr": 3e-3}) == {
+        "augment_lr": 3e-3}
 
 
 def test_a_changed_setting_reruns_its_stage(tmp_path):

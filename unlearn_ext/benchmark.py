@@ -23,7 +23,9 @@ Tuning (``--grid``, on at scale ``smol``): per method and split, a coordinate se
 papers tune: first the learning rate × (0.3, 1, 3) at the method's default options, then
 the method's main knob (``KNOBS``) over its values at the learning rate chosen so far.
 ``SELECTION`` picks a setting: the best forget quality among the settings whose model
-utility is at least 0.9 × the target's. Without ``--grid`` every method runs once, at its
+utility is at least 0.9 × the target's; ``<out>/configs/<method>.yaml`` holds it as a run
+configuration for ``unlearn-ext unlearn --config`` (:mod:`unlearn_ext.benchmark_configs`).
+Without ``--grid`` every method runs once, at its
 defaults (the papers' settings, except those :func:`method_options` lists) and the
 scale's learning rate.
 
@@ -481,7 +483,8 @@ def run_benchmark(scale: Scale, out: str | os.PathLike, *, splits: Sequence[str]
             if hit:
                 log(f"  ({split} {name} {setting.label()}: cached)")
             entry = {**entry, "result": {**entry["result"], **forget_quality_against(entry["result"], reference)}}
-            summary = {"setting": entry["setting"], "label": entry["label"], "unlearn_s": entry["unlearn_s"],
+            summary = {"setting": entry["setting"], "label": entry["label"], "lr": setting.lr,
+                       "unlearn_s": entry["unlearn_s"],
                        "forget_quality": entry["result"]["forget_quality"],
                        "model_utility": entry["result"]["model_utility"], "directory": str(directory)}
             done["runs"].setdefault(name, {})[entry["label"]] = {**entry, "summary": summary}

@@ -2,13 +2,15 @@
 ``benchmark.json`` (rows, the grid, the details), ``benchmark.md`` (tables),
 ``benchmark.png`` (forget quality against model utility, each method's selected setting),
 ``grid.png`` (every setting run) and ``dynamics/<split>-<method>.png`` (the selected run's
-answer probabilities during unlearning, when the benchmark evaluates during training)."""
+answer probabilities during unlearning, when the benchmark evaluates during training) and,
+with the grid, ``configs/<method>.yaml`` (:mod:`unlearn_ext.benchmark_configs`)."""
 from __future__ import annotations
 
 import dataclasses
 import shutil
 from pathlib import Path
 
+from .benchmark_configs import write_configs
 from .eval import summary_row
 from .eval.report import markdown_table, plot_tradeoff, write_json, write_text
 from .published import side_by_side
@@ -137,6 +139,7 @@ def write_report(state: dict, out: Path) -> dict:
     if report["scale"]["grid"] and report["grid_rows"]:
         plot_tradeoff(report["grid_rows"], out / "grid.png", title=title + " (every setting)")
     _copy_dynamics(state, built["details"], out)
+    write_configs(state, built["details"], out)
     return report
 
 
