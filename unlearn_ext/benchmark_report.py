@@ -105,7 +105,8 @@ def markdown_report(report: dict) -> str:
                           if n in report["methods"])
         lines += [f"Tuning: per method and split, the learning rate x {{{', '.join(f'{f:g}' for f in LR_FACTORS)}}} "
                   f"at the default options, then the main knob at the chosen learning rate ({knobs}). Selection: "
-                  f"{SELECTION}.", ""]
+                  f"{SELECTION}. Each method's selection as a run configuration for `unlearn-ext unlearn "
+                  "--config`: `configs/<method>.yaml` (the largest split's).", ""]
     lines += ["## Does the target know the authors? (target against retain model, forget and holdout authors)", "",
               markdown_table(report["knowledge"], KNOWLEDGE_COLUMNS) if report["knowledge"] else "(not yet)\n",
               "## Selected settings" if s["grid"] else "## Results", "",
