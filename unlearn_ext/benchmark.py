@@ -167,7 +167,9 @@ KNOBS = {
     "simnpo": ("beta", (1.5, 2.5, 4.5)),
     "rkld": ("alpha", (3.0, 8.0, 20.0)),
     "undial": ("gamma", (3.0, 10.0, 30.0)),
-    "rmu": ("steering_coeff", (2.0, 6.5, 20.0)),
+    # RMU: the retain weight α, not c: c is set from the activations (2 x their norm; WMDP's absolute
+    # 2-20 lie inside them and forget nothing), and on the demo α = 1200 held the forget term back.
+    "rmu": ("retain_weight", (100.0, 400.0, 1200.0)),
     "idkdpo": ("beta", (0.05, 0.1, 0.5)),
 }
 UTILITY_FLOOR = 0.9
