@@ -156,9 +156,10 @@ def test_selected_config_repeats_the_selected_run(report, capsys):
     assert "# forget10: " + chosen["setting"] in config
     label = saved["details"]["forget10"]["selected"]["ga"]
     expected = json.loads((out / "runs" / "forget10" / "ga" / label / "result.json").read_text())["result"]
-    code = cli.main(["unlearn", "--config", str(out / "configs" / "ga.yaml"), "--model", str(out / "models" / "target"),
-                     "--tokenizer", str(out / "models" / "tokenizer"), "--forget", str(out / "data" / "forget10.json"), "--output", str(out / "repeat"),
-                     "--no-progress"])
+    models, data = out / "models", out / "data"
+    code = cli.main(["unlearn", "--config", str(out / "configs" / "ga.yaml"), "--model", str(models / "target"),
+                     "--tokenizer", str(models / "tokenizer"), "--forget", str(data / "forget10.json"),
+                     "--output", str(out / "repeat"), "--no-progress"])
     assert code == 0
     steps = [json.loads(line) for line in (out / "repeat" / "log.jsonl").read_text().splitlines()]
     steps = [r for r in steps if "loss" in r]
@@ -201,6 +202,9 @@ def test_tuning_plan_is_a_coordinate_search():
     seen.clear()
     benchmark.tune("simnpo", "forget10", scale, fake_run, target_utility=0.6)
     assert seen[0] == "lr 1e-05, beta 4.5, forget_weight 0.125" and len(seen) == 5  # its forget10 setting
+    seen.clear()
+    benchmark.tune("rmu", "forget10", scale, fake_run, target_utility=0.6)  # WMDP's 5e-5, then up to 30x
+    assert seen[:5] == ["lr 5e-05", "lr 1.5e-05", "lr 0.00015", "lr 0.0005", "lr 0.0015"] and len(seen) == 7
     # None keeps 0.9 x utility: the highest utility wins.
     assert benchmark.select([{"forget_quality": 0.9, "model_utility": 0.1},
                              {"forget_quality": 0.1, "model_utility": 0.3}], 1.0)["model_utility"] == 0.3

@@ -69,7 +69,7 @@ def build_rows(state: dict) -> dict:
 
 
 def markdown_report(report: dict) -> str:
-    from .benchmark import KNOBS, LR_FACTORS, METHOD_LR, SELECTION, method_options, Scale
+    from .benchmark import KNOBS, LR_FACTORS, METHOD_LR, METHOD_LR_FACTORS, SELECTION, method_options, Scale
     s = report["scale"]
     scale = Scale(**s)
     methods = ", ".join(report["methods"])
@@ -103,9 +103,11 @@ def markdown_report(report: dict) -> str:
     if s["grid"]:
         knobs = ", ".join(f"{n} {o} {{{', '.join(f'{v:g}' for v in vals)}}}" for n, (o, vals) in KNOBS.items()
                           if n in report["methods"])
-        lines += [f"Tuning: per method and split, the learning rate x {{{', '.join(f'{f:g}' for f in LR_FACTORS)}}} "
-                  f"at the default options, then the main knob at the chosen learning rate ({knobs}). Selection: "
-                  f"{SELECTION}. Each method's selection as a run configuration for `unlearn-ext unlearn "
+        factors = "".join(f" ({n}: {{{', '.join(f'{f:g}' for f in fs)}}})" for n, fs in METHOD_LR_FACTORS.items()
+                          if n in report["methods"])
+        lines += [f"Tuning: per method and split, the learning rate x {{{', '.join(f'{f:g}' for f in LR_FACTORS)}}}"
+                  f"{factors} at the default options, then the main knob at the chosen learning rate ({knobs}). "
+                  f"Selection: {SELECTION}. Each method's selection as a run configuration for `unlearn-ext unlearn "
                   "--config`: `configs/<method>.yaml` (the largest split's).", ""]
     lines += ["## Does the target know the authors? (target against retain model, forget and holdout authors)", "",
               markdown_table(report["knowledge"], KNOWLEDGE_COLUMNS) if report["knowledge"] else "(not yet)\n",
