@@ -191,7 +191,7 @@ def test_tuning_plan_is_a_coordinate_search():
         seen.append(setting.describe())
         options = dict(setting.options)
         return {"label": setting.label(), "forget_quality": setting.lr * options.get("beta", 0.1),
-                "model_utility": 0.5 if setting.lr > 2e-5 else 0.6}
+                "model_utility": 0.5 if setting.lr > 2e-5 else 0.6, "forget.prob": 0.5}
 
     best = benchmark.tune("npo", "forget10", scale, fake_run, target_utility=0.6)
     assert seen == ["lr 1e-05", "lr 3e-06", "lr 3e-05", "lr 1e-05, beta 0.05", "lr 1e-05, beta 0.5"]
@@ -206,8 +206,12 @@ def test_tuning_plan_is_a_coordinate_search():
     benchmark.tune("rmu", "forget10", scale, fake_run, target_utility=0.6)  # WMDP's 5e-5, then up to 30x
     assert seen[:5] == ["lr 5e-05", "lr 1.5e-05", "lr 0.00015", "lr 0.0005", "lr 0.0015"] and len(seen) == 7
     # None keeps 0.9 x utility: the highest utility wins.
-    assert benchmark.select([{"forget_quality": 0.9, "model_utility": 0.1},
-                             {"forget_quality": 0.1, "model_utility": 0.3}], 1.0)["model_utility"] == 0.3
+    assert benchmark.select([{"forget_quality": 0.9, "model_utility": 0.1, "forget.prob": 0.1},
+                             {"forget_quality": 0.1, "model_utility": 0.3, "forget.prob": 0.9}],
+                            1.0)["model_utility"] == 0.3
+    # Equal forget quality (the KS floor): the lower forget probability, whatever the utility above the floor.
+    tied = [{"forget_quality": 2.9e-4, "model_utility": u, "forget.prob": p} for u, p in ((0.46, 0.99), (0.44, 0.94))]
+    assert benchmark.select(tied, 0.45)["forget.prob"] == 0.94
 
 
 def test_smol_scale_is_the_pretrained_base_with_every_method():

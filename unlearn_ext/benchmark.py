@@ -177,7 +177,8 @@ KNOBS = {
 }
 UTILITY_FLOOR = 0.9
 SELECTION = (f"the best forget quality among the settings whose model utility is >= {UTILITY_FLOOR} x the "
-             "target's (ties: the higher utility); when none is, the setting with the highest utility")
+             "target's (ties, as at the KS test's floor: the lower forget-set answer probability); when none is, "
+             "the setting with the highest utility")
 
 
 @dataclass(frozen=True)
@@ -209,11 +210,15 @@ def knob_default(name: str, split: str, scale: Scale):
 
 
 def select(entries: Sequence[dict], target_utility: float | None) -> dict:
-    """``SELECTION`` over ``entries`` (each with ``forget_quality`` and ``model_utility``)."""
+    """``SELECTION`` over ``entries`` (each with ``forget_quality``, ``model_utility`` and
+    ``forget.prob``). Ties are common: with 30 forget answers the KS p-value takes few
+    values, and every setting that leaves the truth ratios all on one side of the retain
+    model's gets the same floor (2.9e-4); of those, the one that forgot more is taken (the
+    higher utility would pick the setting that did least)."""
     floor = UTILITY_FLOOR * (target_utility or 0.0)
     eligible = [e for e in entries if (e["model_utility"] or 0.0) >= floor]
     if eligible:
-        return max(eligible, key=lambda e: (e["forget_quality"], e["model_utility"]))
+        return max(eligible, key=lambda e: (e["forget_quality"], -e["forget.prob"]))
     return max(entries, key=lambda e: e["model_utility"] or 0.0)
 
 
@@ -491,6 +496,7 @@ def run_benchmark(scale: Scale, out: str | os.PathLike, *, splits: Sequence[str]
             summary = {"setting": entry["setting"], "label": entry["label"], "lr": setting.lr,
                        "unlearn_s": entry["unlearn_s"],
                        "forget_quality": entry["result"]["forget_quality"],
+                       "forget.prob": entry["result"]["sets"]["forget"]["prob"],
                        "model_utility": entry["result"]["model_utility"], "directory": str(directory)}
             done["runs"].setdefault(name, {})[entry["label"]] = {**entry, "summary": summary}
             write()
