@@ -34,7 +34,7 @@ def config_text(name: str, state: dict, details: dict) -> str | None:
         return None
     split, run = chosen[0]
     scale = state["scale"]
-    target_utility = {s: state["splits_done"][s]["finetuned"]["model_utility"] for s, _ in chosen}
+    target = {s: state["splits_done"][s]["finetuned"] for s, _ in chosen}
     runs_of = {s: len(state["splits_done"][s]["runs"][name]) for s, _ in chosen}
     lines = [f"# unlearn-ext unlearn --config THIS_FILE --model OUT/models/target --tokenizer OUT/models/tokenizer "
              f"--forget OUT/data/{split}.json --retain OUT/data/{RETAIN_OF[split]}.json --output runs/{name}",
@@ -42,7 +42,8 @@ def config_text(name: str, state: dict, details: dict) -> str | None:
              f"{scale.questions_per_author} questions, seed {state['seed']}).",
              f"# Rule: {SELECTION}.",
              *(f"# {s}: {r['setting']} -> forget quality {r['summary']['forget_quality']:.3g}, model utility "
-               f"{r['summary']['model_utility']:.3g} (target {target_utility[s]:.3g}; {runs_of[s]} settings run)"
+               f"{r['summary']['model_utility']:.3g} (the target's: {target[s]['forget_quality']:.3g}, "
+               f"{target[s]['model_utility']:.3g}; {runs_of[s]} settings run)"
                for s, r in chosen),
              f"# The values: {split}'s selection; the schedule: the benchmark's."]
     body = {"method": name, "method_args": _method_args(name, run["options"]), "lr": run["summary"]["lr"],
