@@ -37,3 +37,21 @@ def test_every_config_gives_the_demo_its_method_options_lr_and_blocks(name):
     spec = values.get("train_layers")
     if spec is not None:
         assert len(block_range(spec, 30)) > 0
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "tofu_smol").glob("*.yaml")), ids=lambda p: p.stem)
+def test_benchmark_selected_configs_parse_and_match_the_benchmark(path):
+    """configs/tofu_smol/<method>.yaml: the smol benchmark's selection (written by the
+    benchmark, benchmarks/tofu_smol_collect.sh) for one method, with the schedule of
+    benchmarks/results/tofu_smol: it parses, and its setting is the one the report selected."""
+    import json
+    values = cli.resolve("unlearn", cli.COMMANDS["unlearn"][0],
+                         {"config": str(path), "model": "m", "output": "o", "forget": "f"})
+    assert values["method"] == path.stem
+    cls = METHODS[path.stem]
+    cls.make_options(cli._pairs(values["method_arg"], "method-arg"))
+    report = json.loads((CONFIGS.parent / "benchmarks" / "results" / "tofu_smol" / "benchmark.json").read_text())
+    row = next(r for r in report["rows"] if r["method"] == path.stem and r["split"] == "forget10")
+    assert row["setting"].startswith(f"lr {values['lr']:.3g}")
+    assert values["epochs"] == report["scale"]["unlearn_epochs"]
+    assert values["batch_size"] == report["scale"]["unlearn_batch_size"]

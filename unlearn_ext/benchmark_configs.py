@@ -46,7 +46,8 @@ def config_text(name: str, state: dict, details: dict) -> str | None:
                f"{target[s]['model_utility']:.3g}; {runs_of[s]} settings run)"
                for s, r in chosen),
              f"# The values: {split}'s selection; the schedule: the benchmark's."]
-    body = {"method": name, "method_args": _method_args(name, run["options"]), "lr": run["summary"]["lr"],
+    lr = float(f"{run['summary']['lr']:.6g}")  # 1e-5 x 3 is 3.0000000000000004e-05
+    body = {"method": name, "method_args": _method_args(name, run["options"]), "lr": lr,
             "epochs": scale.unlearn_epochs, "batch_size": scale.unlearn_batch_size, "max_length": scale.max_length,
             "seed": state["seed"]}
     if not body["method_args"]:
