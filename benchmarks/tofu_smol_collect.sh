@@ -9,8 +9,9 @@
 # Models stay in RUN_DIR (a later session fine-tunes the target again; the retain models'
 # evaluations are cached, so they are not).
 set -euo pipefail
-run=${1:-$(cd "$(dirname "$0")/.." && pwd)/runs/tofu_smol}
-dest=$(cd "$(dirname "$0")" && pwd)/results/tofu_smol
+root=$(cd "$(dirname "$0")/.." && pwd)
+run=${1:-$root/runs/tofu_smol}
+dest=$root/benchmarks/results/tofu_smol
 [ -f "$run/benchmark.json" ] || { echo "no benchmark.json in $run yet: nothing finished" >&2; exit 1; }
 mkdir -p "$dest/dynamics"
 for f in benchmark.json benchmark.md benchmark.png grid.png; do
@@ -18,7 +19,7 @@ for f in benchmark.json benchmark.md benchmark.png grid.png; do
 done
 [ -d "$run/dynamics" ] && cp "$run"/dynamics/* "$dest/dynamics/" 2>/dev/null || true
 if [ -d "$run/configs" ]; then  # the grid's selections: the recommended settings, in the checkout's configs/
-    mkdir -p "$dest/../../../configs/tofu_smol" && cp "$run"/configs/*.yaml "$dest/../../../configs/tofu_smol/"
+    mkdir -p "$root/configs/tofu_smol" && cp "$run"/configs/*.yaml "$root/configs/tofu_smol/"
 fi
 [ -f "$run/data/manifest.json" ] && cp "$run/data/manifest.json" "$dest/data_manifest.json"
 [ -f "$run/log.txt" ] && tail -n 400 "$run/log.txt" | grep -v 'Warning\|warn(' > "$dest/log_tail.txt" || true

@@ -1,5 +1,6 @@
 """Every registered method has a config (configs/<name>.yaml) that the command line reads
 into valid options of that method."""
+import json
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,6 @@ def test_benchmark_selected_configs_parse_and_match_the_benchmark(path):
     """configs/tofu_smol/<method>.yaml: the smol benchmark's selection (written by the
     benchmark, benchmarks/tofu_smol_collect.sh) for one method, with the schedule of
     benchmarks/results/tofu_smol: it parses, and its setting is the one the report selected."""
-    import json
     values = cli.resolve("unlearn", cli.COMMANDS["unlearn"][0],
                          {"config": str(path), "model": "m", "output": "o", "forget": "f"})
     assert values["method"] == path.stem

@@ -25,9 +25,8 @@ the method's main knob (``KNOBS``) over its values at the learning rate chosen s
 ``SELECTION`` picks a setting: the best forget quality among the settings whose model
 utility is at least 0.9 × the target's; ``<out>/configs/<method>.yaml`` holds it as a run
 configuration for ``unlearn-ext unlearn --config`` (:mod:`unlearn_ext.benchmark_configs`).
-Without ``--grid`` every method runs once, at its
-defaults (the papers' settings, except those :func:`method_options` lists) and the
-scale's learning rate.
+Without ``--grid`` every method runs once, at its defaults (the papers' settings, except
+those :func:`method_options` lists) and the scale's learning rate.
 
 Every stage is cached on disk with a fingerprint of what made it (``<out>/models/<name>``
 for fine-tuned models; ``<out>/evals/<split>/<name>.json`` for their evaluations;
