@@ -146,8 +146,9 @@ class Method:
         return False
 
     def needs_retain(self) -> bool:
-        """Whether batches must carry a ``retain`` part."""
-        return False
+        """Whether batches must carry a ``retain`` part: by default, when the method has a
+        ``retain_weight`` option and it is not 0."""
+        return getattr(self.options, "retain_weight", 0) != 0
 
     def prepare(self, models: Models, data: PrepareData) -> None:
         self.models = models

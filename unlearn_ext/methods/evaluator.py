@@ -137,9 +137,6 @@ class EvaluatorGuided(Method):
     def needs_reference(self):
         return True
 
-    def needs_retain(self):
-        return self.options.retain_weight != 0
-
     @torch.no_grad()
     def _features(self, examples, collate, batch_size=16) -> torch.Tensor:
         model = self.models.reference

@@ -33,9 +33,6 @@ class GradDiff(Method):
     def needs_reference(self):
         return self.options.retain_loss == "kl"
 
-    def needs_retain(self):
-        return self.options.retain_weight != 0
-
     def loss(self, batch):
         o = self.options
         forget_nll = -self.head.ga_loss(self.student(batch["forget"]))

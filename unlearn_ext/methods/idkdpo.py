@@ -100,9 +100,6 @@ class IdkDPO(Method):
     def needs_reference(self):
         return True
 
-    def needs_retain(self):
-        return self.options.retain_weight != 0
-
     def prepare(self, models, data):
         super().prepare(models, data)
         self.idk_answers = read_idk_answers(self.options.idk_file) if self.options.idk_file else IDK_ANSWERS

@@ -57,9 +57,6 @@ class RKLD(Method):
     def needs_reference(self):
         return True
 
-    def needs_retain(self):
-        return self.options.retain_weight != 0
-
     def prepare(self, models, data):
         from ..trainer import TrainConfig, TrainData, derive_seed, train  # the trainer imports the methods
         super().prepare(models, data)

@@ -106,9 +106,6 @@ class RMU(Method):
     def needs_reference(self):
         return self.options.retain_weight != 0
 
-    def needs_retain(self):
-        return self.options.retain_weight != 0
-
     def prepare(self, models, data):
         from ..trainer import derive_seed  # the trainer imports the methods
         super().prepare(models, data)

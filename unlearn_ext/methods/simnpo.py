@@ -44,9 +44,6 @@ class SimNPO(Method):
                           f"weight (npo_coeff); it belongs in forget_weight (the retain NLL has weight 1 in "
                           f"their code)", UserWarning, stacklevel=2)
 
-    def needs_retain(self):
-        return self.options.retain_weight != 0
-
     def loss(self, batch):
         o = self.options
         value = self.head.simnpo_loss(self.student(batch["forget"]), beta=o.beta, delta=o.delta)

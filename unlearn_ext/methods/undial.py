@@ -40,9 +40,6 @@ class UnDIAL(Method):
     def needs_reference(self):
         return True
 
-    def needs_retain(self):
-        return self.options.retain_weight != 0
-
     def loss(self, batch):
         o, forget = self.options, batch["forget"]
         teacher = self.frozen(self.models.reference, forget)
